@@ -1,0 +1,24 @@
+//! simpletun-core: the sans-IO heart of simpletun plus its Linux data plane.
+//!
+//! Pure modules (no system calls, no allocation per packet, caller-owned buffers):
+//! - [`esp`]: RFC 4303 ESP tunnel-mode encapsulation with AES-CBC (RFC 3602) and
+//!   HMAC-SHA-256-128 (RFC 4868).
+//! - [`replay`]: the RFC 4303 §3.4.3 anti-replay window as an RFC 6479 bitmap, with ESN inference.
+//! - [`frame`]: the 2-byte big-endian length-prefixed framing of the classic simpletun.c.
+//! - [`drop`]: the reasons a packet is dropped, shared by every layer's counters.
+//!
+//! OS-facing modules (the only ones that touch file descriptors):
+//! - [`tun`]: opening TUN/TAP devices through `/dev/net/tun`.
+//! - [`pump`]: the data-plane threads moving packets between a TUN device and a TCP socket.
+
+pub mod crypto;
+pub mod drop;
+pub mod esp;
+pub mod frame;
+pub mod pump;
+pub mod replay;
+pub mod tun;
+
+pub use drop::DropReason;
+pub use esp::{EncapError, SaConfigError, SecurityAssociation};
+pub use frame::{encode_frame, FrameDecoder, FrameError};

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian machine of this kind (run as root):
+# system packages, the Python virtualenv with pinned dependencies, and a release build of the
+# Rust extension into it. Safe to run again; it only does what is missing or stale.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(iperf3 tcpdump iproute2 openssl procps)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found; this machine needs the Rust toolchain (rustup)" >&2; exit 1; }
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.deps-stamp
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing Python dependencies"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q "maturin>=1.7,<2" \
+        "trio>=0.27,<0.36" "pyroute2>=0.9.2,<0.10" "cryptography>=43,<49" \
+        "pytest>=8,<10" "hypothesis>=6.100,<7" "ruff>=0.6,<1"
+    touch "$stamp"
+fi
+
+echo "setup: building the Rust extension (release)"
+log=$(mktemp)
+if ! VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup: maturin develop failed (output above)" >&2
+    exit 1
+fi
+rm -f "$log"
+.venv/bin/python -c "import simpletun._core" || { echo "setup: the extension did not build" >&2; exit 1; }
+echo "setup: ready (.venv/bin/simpletun)"
