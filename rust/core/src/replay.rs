@@ -115,7 +115,7 @@ impl ReplayWindow {
         if seq > self.top {
             return Ok(());
         }
-        if seq + self.size <= self.top {
+        if self.top - seq >= self.size {
             return Err(ReplayError::TooOld);
         }
         let (block, bit) = Self::locate(seq, self.bitmap.len());
