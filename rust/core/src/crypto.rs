@@ -5,8 +5,7 @@
 //! (SHA-NI detected at run time) crates, chosen by the measurement in `examples/esp_bench.rs`.
 
 use aes::cipher::{
-    block_padding::NoPadding, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit,
-    KeyInit,
+    block_padding::NoPadding, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit,
 };
 use aes::{Aes128, Aes192, Aes256};
 use hmac::{Hmac, Mac};

@@ -95,6 +95,8 @@ impl DropCounters {
     }
     /// `(name, count)` for every reason, in [`DropReason::ALL`] order.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (r.name(), self.0[r.index()]))
+        DropReason::ALL
+            .iter()
+            .map(|r| (r.name(), self.0[r.index()]))
     }
 }

@@ -252,7 +252,10 @@ impl SecurityAssociation {
     ) -> Result<usize, EncapError> {
         let total = encap_len(inner_len);
         if buf.len() < total {
-            return Err(EncapError::BufferTooSmall { needed: total, got: buf.len() });
+            return Err(EncapError::BufferTooSmall {
+                needed: total,
+                got: buf.len(),
+            });
         }
         if self.tx_seq >= self.seq_limit() {
             self.stats.drops.bump(DropReason::SeqExhausted);
@@ -326,8 +329,14 @@ impl SecurityAssociation {
             return Err(DropReason::BadLength);
         }
         let seq_low = u32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
-        let seq = if self.esn { self.window.infer_esn(seq_low) } else { seq_low as u64 };
-        self.window.check(seq).map_err(|_: ReplayError| DropReason::Replay)?;
+        let seq = if self.esn {
+            self.window.infer_esn(seq_low)
+        } else {
+            seq_low as u64
+        };
+        self.window
+            .check(seq)
+            .map_err(|_: ReplayError| DropReason::Replay)?;
 
         let authed_end = len - ICV_LEN;
         let seq_hi = ((seq >> 32) as u32).to_be_bytes();
@@ -364,7 +373,11 @@ impl SecurityAssociation {
         } else {
             PAYLOAD_OFFSET..PAYLOAD_OFFSET + inner_len
         };
-        Ok(Decapped { next_header, inner, seq })
+        Ok(Decapped {
+            next_header,
+            inner,
+            seq,
+        })
     }
 
     /// Decapsulate a copy of `pkt`, returning `(next_header, inner)`.
@@ -447,12 +460,18 @@ mod tests {
         assert!(a.skip_tx_seq_to(u32::MAX as u64 - 1));
         let esp = a.encap(&ipv4(20), None).unwrap();
         assert_eq!(&esp[4..8], &[0xff; 4]);
-        assert_eq!(a.encap(&ipv4(20), None), Err(EncapError::SeqExhausted { esn: false }));
+        assert_eq!(
+            a.encap(&ipv4(20), None),
+            Err(EncapError::SeqExhausted { esn: false })
+        );
         assert!(!a.skip_tx_seq_to(5));
         let (mut e, _) = pair(true);
         assert!(e.skip_tx_seq_to(u64::MAX - 1));
         e.encap(&ipv4(20), None).unwrap();
-        assert_eq!(e.encap(&ipv4(20), None), Err(EncapError::SeqExhausted { esn: true }));
+        assert_eq!(
+            e.encap(&ipv4(20), None),
+            Err(EncapError::SeqExhausted { esn: true })
+        );
     }
 
     #[test]

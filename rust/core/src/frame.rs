@@ -79,7 +79,10 @@ pub struct FrameParser {
 
 impl FrameParser {
     pub fn new(max_frame: usize) -> FrameParser {
-        FrameParser { max_frame: max_frame.min(MAX_FRAME), skipping: 0 }
+        FrameParser {
+            max_frame: max_frame.min(MAX_FRAME),
+            skipping: 0,
+        }
     }
 
     pub fn max_frame(&self) -> usize {
@@ -104,7 +107,10 @@ impl FrameParser {
             let avail = buf.len() - PREFIX_LEN;
             let now = len.min(avail);
             self.skipping = len - now;
-            return Event::TooLarge { len, consumed: PREFIX_LEN + now };
+            return Event::TooLarge {
+                len,
+                consumed: PREFIX_LEN + now,
+            };
         }
         if buf.len() < PREFIX_LEN + len {
             return Event::NeedMore;
@@ -123,7 +129,10 @@ pub struct FrameDecoder {
 
 impl FrameDecoder {
     pub fn new(max_frame: usize) -> FrameDecoder {
-        FrameDecoder { parser: FrameParser::new(max_frame), pending: Vec::new() }
+        FrameDecoder {
+            parser: FrameParser::new(max_frame),
+            pending: Vec::new(),
+        }
     }
 
     pub fn max_frame(&self) -> usize {
@@ -141,7 +150,9 @@ impl FrameDecoder {
         // pending buffer never grows past one frame.
         while !self.pending.is_empty() && !chunk.is_empty() {
             let need = match self.parser.next(&self.pending) {
-                Event::NeedMore if self.pending.len() < PREFIX_LEN => PREFIX_LEN - self.pending.len(),
+                Event::NeedMore if self.pending.len() < PREFIX_LEN => {
+                    PREFIX_LEN - self.pending.len()
+                }
                 Event::NeedMore => {
                     let len = u16::from_be_bytes([self.pending[0], self.pending[1]]) as usize;
                     PREFIX_LEN + len - self.pending.len()
@@ -166,7 +177,10 @@ impl FrameDecoder {
                     chunk = &chunk[r.end..];
                 }
                 Event::TooLarge { len, consumed } => {
-                    on(Err(FrameError::TooLarge { len, max: self.parser.max_frame() }));
+                    on(Err(FrameError::TooLarge {
+                        len,
+                        max: self.parser.max_frame(),
+                    }));
                     chunk = &chunk[consumed..];
                 }
                 Event::Skipped { consumed } => chunk = &chunk[consumed..],
@@ -185,7 +199,10 @@ impl FrameDecoder {
                 self.pending.clear();
             }
             Event::TooLarge { len, consumed } => {
-                on(Err(FrameError::TooLarge { len, max: self.parser.max_frame() }));
+                on(Err(FrameError::TooLarge {
+                    len,
+                    max: self.parser.max_frame(),
+                }));
                 self.pending.drain(..consumed);
             }
             Event::Skipped { consumed } => {
@@ -240,7 +257,10 @@ mod tests {
                 got,
                 vec![
                     Ok(vec![1; 10]),
-                    Err(FrameError::TooLarge { len: 5000, max: 100 }),
+                    Err(FrameError::TooLarge {
+                        len: 5000,
+                        max: 100
+                    }),
                     Ok(vec![2; 10])
                 ],
                 "split {split}"

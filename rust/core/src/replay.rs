@@ -63,7 +63,11 @@ impl ReplayWindow {
         }
         let blocks = (size as u64).div_ceil(BLOCK_BITS) + 1;
         let blocks = blocks.next_power_of_two() as usize;
-        Some(ReplayWindow { size: size as u64, top: 0, bitmap: vec![0u64; blocks].into_boxed_slice() })
+        Some(ReplayWindow {
+            size: size as u64,
+            top: 0,
+            bitmap: vec![0u64; blocks].into_boxed_slice(),
+        })
     }
 
     pub fn size(&self) -> u32 {

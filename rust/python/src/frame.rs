@@ -33,7 +33,9 @@ impl PyFrameDecoder {
                 frame::MAX_FRAME
             )));
         }
-        Ok(PyFrameDecoder { dec: FrameDecoder::new(max_frame) })
+        Ok(PyFrameDecoder {
+            dec: FrameDecoder::new(max_frame),
+        })
     }
 
     /// Returns the frames completed by `chunk`. An oversized frame raises FrameTooLargeError

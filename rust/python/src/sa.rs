@@ -17,14 +17,19 @@ pub struct PySa {
 #[pymethods]
 impl PySa {
     #[new]
-    #[pyo3(signature = (spi, enc_key, auth_key, replay_window=esp::DEFAULT_REPLAY_WINDOW, esn=false))]
+    #[pyo3(signature = (spi, enc_key, auth_key, replay_window=esp::DEFAULT_REPLAY_WINDOW as i128, esn=false))]
     fn new(
-        spi: u32,
+        spi: i128,
         enc_key: &[u8],
         auth_key: &[u8],
-        replay_window: u32,
+        replay_window: i128,
         esn: bool,
     ) -> PyResult<Self> {
+        let spi = u32::try_from(spi).map_err(|_| {
+            errors::config_error(format!("SPI {spi} is out of range; use 256 to 4294967295"))
+        })?;
+        // Out of u32 range is out of the window range too; let the core word the error.
+        let replay_window = u32::try_from(replay_window).unwrap_or(u32::MAX);
         SecurityAssociation::new(spi, enc_key, auth_key, replay_window, esn)
             .map(|sa| PySa { sa })
             .map_err(errors::sa_config_error)
@@ -36,10 +41,12 @@ impl PySa {
         &mut self,
         py: Python<'py>,
         inner: &[u8],
-        next_header: Option<u8>,
+        next_header: Option<i128>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let nh = match next_header {
-            Some(nh) => nh,
+            Some(nh) => u8::try_from(nh).map_err(|_| {
+                errors::config_error(format!("next_header must be 0-255, got {nh}"))
+            })?,
             None => esp::infer_next_header(inner)
                 .ok_or_else(|| errors::encap_error(esp::EncapError::UnknownNextHeader))?,
         };
