@@ -5,7 +5,7 @@
 //!   HMAC-SHA-256-128 (RFC 4868).
 //! - [`replay`]: the RFC 4303 §3.4.3 anti-replay window as an RFC 6479 bitmap, with ESN inference.
 //! - [`frame`]: the 2-byte big-endian length-prefixed framing of the classic simpletun.c.
-//! - [`drop`]: the reasons a packet is dropped, shared by every layer's counters.
+//! - [`mod@drop`]: the reasons a packet is dropped, shared by every layer's counters.
 //!
 //! OS-facing modules (the only ones that touch file descriptors):
 //! - [`tun`]: opening TUN/TAP devices through `/dev/net/tun`.
