@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iperf3 tcpdump iproute2 openssl procps)
+APT_PACKAGES=(iperf3 tcpdump iproute2 iputils-ping openssl procps)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
