@@ -242,6 +242,16 @@ def _setup_logging(debug: bool) -> None:
     root.propagate = False
 
 
+def _report(tunnel) -> None:
+    """SIGUSR1: log the live counters of the current session without disturbing it."""
+    log = logging.getLogger("simpletun")
+    sess = tunnel.session if tunnel is not None else None
+    if sess is None:
+        log.info("no session; %d session(s) so far", tunnel.sessions if tunnel else 0)
+    else:
+        log.info("%s (up %.1f s, %s)", sess.counters_line(), sess.duration, sess.describe())
+
+
 async def _run(config: Config) -> int:
     """Run until a signal (→ 0) or a fatal error (→ 1)."""
     from simpletun import session
@@ -249,19 +259,27 @@ async def _run(config: Config) -> int:
     log = logging.getLogger("simpletun")
     outcome: dict[str, int] = {"status": 0}
 
+    state: dict[str, session.Tunnel] = {}
+
     async def watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+        with trio.open_signal_receiver(*wanted) as signals:
             task_status.started()
             async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    _report(state.get("tunnel"))
+                    continue
                 log.debug("got %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 return
 
     async def tunnel() -> None:
         try:
-            await session.run(config)
-        except (SimpletunError, OSError) as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            async with trio.open_nursery() as inner:
+                state["tunnel"] = await inner.start(session.run, config)
+        except* (SimpletunError, OSError) as group:
+            for e in group.exceptions:
+                print(f"{PROG}: error: {e}", file=sys.stderr)
             outcome["status"] = 1
         finally:
             nursery.cancel_scope.cancel()

@@ -131,6 +131,12 @@ class Session:
     def describe(self) -> str:
         return "plaintext" if self.handshake is None else f"ESP {self.handshake.cipher}"
 
+    def counters_line(self) -> str:
+        """``session with PEER counters: k=v ...`` (drop counters only when non-zero)."""
+        s = self.stats
+        counters = " ".join(f"{k}={v}" for k, v in s.items() if v or not k.startswith("drop_"))
+        return f"session with {self.peer} counters: {counters}"
+
 
 class Tunnel:
     """Live state of a running server or client, handed out by ``task_status.started``."""
@@ -212,10 +218,7 @@ class Tunnel:
         log.info(
             "session with %s ended after %.1f s: %s", sess.peer, sess.duration, sess.exit_reason
         )
-        if log.isEnabledFor(logging.DEBUG):
-            s = sess._final_stats
-            counters = " ".join(f"{k}={v}" for k, v in s.items() if v or not k.startswith("drop_"))
-            log.debug("session with %s counters: %s", sess.peer, counters)
+        log.debug("%s", sess.counters_line())
 
 
 def _connect_error(e: BaseException) -> str:

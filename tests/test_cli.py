@@ -380,6 +380,27 @@ def test_debug_logs_session_events(netns, keyfile):
     assert finish(client)[0] == 0
 
 
+def test_sigusr1_logs_live_counters_without_ending_the_session(netns, keyfile):
+    server = netns.start("-i", "sts4", "-s", "-p", "6004", "--key", keyfile)
+    wait_log(server, "listening on TCP port 6004")
+    client = netns.start("-i", "stc4", "-c", "127.0.0.1", "-p", "6004", "--key", keyfile)
+    wait_log(client, "session with 127.0.0.1:6004 up")
+    client.send_signal(signal.SIGUSR1)
+    clog = wait_log(client, "(up ")
+    assert re.search(
+        r"session with 127\.0\.0\.1:6004 counters: tx_packets=\d+ tx_bytes=\d+ rx_packets=\d+", clog
+    ), clog
+    assert "aes-128-cbc" in clog.splitlines()[-1]
+    assert client.poll() is None and "ended after" not in clog
+    client.send_signal(signal.SIGUSR1)
+    assert "counters:" in wait_log(client, "(up ", count=2)
+    client.send_signal(signal.SIGTERM)
+    rc, clog = finish(client)
+    assert rc == 0 and "ended after" in clog, clog
+    server.send_signal(signal.SIGTERM)
+    assert finish(server)[0] == 0
+
+
 def test_cipher_mismatch_fails_plainly(netns, keyfile):
     server = netns.start("-i", "sts2", "-s", "-p", "6003", "--key", keyfile)
     wait_log(server, "listening on TCP port 6003")
