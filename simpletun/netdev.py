@@ -5,6 +5,7 @@ All functions here block (netlink round trips); call them from a worker thread u
 """
 
 import errno
+import hashlib
 import ipaddress
 import logging
 import os
@@ -38,8 +39,22 @@ def _netlink_error(e: Exception) -> str:
     return str(e)
 
 
-def configure(name: str, *, mtu: int, addresses: tuple[Address, ...] = ()) -> list[Address]:
-    """Set the MTU, add ``addresses`` and bring ``name`` up.
+def stable_mac(address: Address) -> str:
+    """A locally administered unicast MAC derived from the device's tunnel address.
+
+    A TAP device created afresh gets a random MAC from the kernel, so after a restart the peer's
+    ARP/neighbour entry points at a MAC that no longer exists until it times out. Deriving the
+    MAC from the (unique) tunnel address keeps it the same across restarts.
+    """
+    digest = hashlib.sha256(b"simpletun tap " + str(address.ip).encode()).digest()
+    octets = bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def configure(
+    name: str, *, mtu: int, addresses: tuple[Address, ...] = (), mac: str | None = None
+) -> list[Address]:
+    """Set the MTU (and the MAC, if given), add ``addresses`` and bring ``name`` up.
 
     Returns the addresses actually added (those already present are left alone and not
     returned). Raises DeviceError naming the step that failed.
@@ -56,6 +71,11 @@ def configure(name: str, *, mtu: int, addresses: tuple[Address, ...] = ()) -> li
             ipr.link("set", index=index, mtu=mtu)
         except NetlinkError as e:
             raise DeviceError(f"{name}: cannot set MTU {mtu}: {_netlink_error(e)}") from None
+        if mac is not None:
+            try:
+                ipr.link("set", index=index, address=mac)
+            except NetlinkError as e:
+                raise DeviceError(f"{name}: cannot set MAC {mac}: {_netlink_error(e)}") from None
         for addr in addresses:
             try:
                 ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
@@ -105,8 +125,10 @@ def open_device(
         raise
     except OSError as e:
         raise DeviceError(str(e)) from None
+    # Only a TAP device we created gets our MAC; a pre-existing one keeps its own.
+    mac = stable_mac(addresses[0]) if tap and created and addresses else None
     try:
-        added = configure(name, mtu=mtu, addresses=addresses)
+        added = configure(name, mtu=mtu, addresses=addresses, mac=mac)
     except BaseException:
         os.close(fd)
         raise

@@ -317,6 +317,22 @@ def test_signal_exits_0_within_1s_and_removes_the_device(netns, keyfile, sig):
     assert not netns.link_exists("stt0")
 
 
+def test_tap_mac_is_stable_across_restarts(netns):
+    """A restarted TAP server must come back with the same MAC, or the peer's neighbour entry
+    would point at a vanished address and traffic would stall until it expired."""
+    macs = []
+    for _ in range(2):
+        p = netns.start("-i", "stm0", "-a", "-s", "--plaintext", "--addr", "10.78.0.1/24")
+        wait_log(p, "listening on TCP port 55555")
+        link = netns.ip("-o", "link", "show", "stm0").stdout
+        macs.append(re.search(r"link/ether ([0-9a-f:]{17})", link).group(1))
+        p.send_signal(signal.SIGTERM)
+        assert finish(p)[0] == 0
+    assert macs[0] == macs[1]
+    first = int(macs[0][:2], 16)
+    assert first & 0x02 and not first & 0x01  # locally administered, unicast
+
+
 def test_client_retrying_exits_0_on_sigterm(netns, keyfile):
     p = netns.start("-i", "stt1", "-c", "127.0.0.1", "-p", "5999", "--key", keyfile, "-d")
     log = wait_log(p, "reconnecting to 127.0.0.1:5999 in 0.2 s")

@@ -39,8 +39,11 @@ def test_wrong_key_reported_by_both_ends_and_nothing_forwarded(lab, keys, checke
     checked.append(f"ping {TUN_B_ADDR} from the server side 0/3, no session: nothing forwarded")
 
 
-def test_server_killed_and_restarted_client_resumes_within_5s(lab, keys, checked):
-    t = TunnelPair(lab, key_a=keys[0])
+@pytest.mark.parametrize("tap", [False, True], ids=["tun", "tap"])
+def test_server_killed_and_restarted_client_resumes_within_5s(lab, keys, checked, tap):
+    # TAP: the restarted server's new device must keep its MAC (derived from its address), or
+    # the client's neighbour entry would point at a vanished MAC and traffic would stall.
+    t = TunnelPair(lab, tap=tap, key_a=keys[0])
     t.start()
     client_pid = t.client.pid
     t.server.send_signal(signal.SIGKILL)
@@ -57,7 +60,7 @@ def test_server_killed_and_restarted_client_resumes_within_5s(lab, keys, checked
     sent, got, _ = lab.ping(lab.ns_b, TUN_A_ADDR, count=5, interval=0.05)
     assert got == 5
     checked.append(
-        f"server SIGKILLed, restarted 2 s later: ping through the tunnel again "
+        f"{'TAP' if tap else 'TUN'}: server SIGKILLed, restarted 2 s later: ping through the tunnel again "
         f"{since_restart:.2f} s after the restart (first reply after {took:.2f} s of pinging), "
         f"same client process (pid {client_pid})"
     )
