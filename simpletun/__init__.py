@@ -22,8 +22,14 @@ from simpletun._errors import (
     SimpletunError,
     UnknownSpiError,
 )
+from simpletun.session import Config, Tunnel, connect, run, serve
 
 __all__ = [
+    "Config",
+    "Tunnel",
+    "connect",
+    "run",
+    "serve",
     "DROP_REASONS",
     "ESP_MAX_OVERHEAD",
     "AuthenticationError",

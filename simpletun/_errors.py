@@ -52,7 +52,15 @@ class ConfigError(SimpletunError, ValueError):
 
 
 class HandshakeError(SimpletunError):
-    """The session handshake failed (wrong key, protocol violation, timeout)."""
+    """The session handshake failed (wrong key, protocol violation, timeout).
+
+    ``code`` says why, machine-readably: ``wrong_key``, ``cipher_mismatch``,
+    ``version_mismatch``, ``malformed``, ``timeout`` or ``closed`` (see simpletun.handshake).
+    """
+
+    def __init__(self, message: str, code: str = "malformed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class DeviceError(SimpletunError, OSError):

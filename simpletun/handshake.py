@@ -57,9 +57,7 @@ _CIPHER_HINT = "pass the same --cipher on both ends"
 
 def handshake_error(code: str, message: str) -> HandshakeError:
     """A HandshakeError carrying a machine-readable ``code`` (one of the constants above)."""
-    err = HandshakeError(message)
-    err.code = code
-    return err
+    return HandshakeError(message, code)
 
 
 @dataclass(frozen=True)
