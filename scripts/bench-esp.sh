@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# ESP encap/decap throughput of simpletun-core next to `openssl speed` (AES-CBC, HMAC-SHA-256)
+# at 64, 512, 1420, 8192 and 65000 bytes. Arguments go to the benchmark, e.g.
+#   bash scripts/bench-esp.sh --reps 3            # best of 3 rounds (about 2.5 minutes)
+#   bash scripts/bench-esp.sh --sizes 1420 --keys 128
+# Options: --seconds N (per figure, default 1), --reps N, --sizes a,b,.., --keys 128,256,
+# --wall (wall-clock instead of CPU time), --no-openssl. See rust/core/examples/esp_bench.rs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v openssl >/dev/null || echo "bench-esp: openssl not found; only our figures will be shown" >&2
+exec cargo run --release -q -p simpletun-core --example esp_bench -- "$@"
