@@ -60,9 +60,9 @@ def test_server_killed_and_restarted_client_resumes_within_5s(lab, keys, checked
     sent, got, _ = lab.ping(lab.ns_b, TUN_A_ADDR, count=5, interval=0.05)
     assert got == 5
     checked.append(
-        f"{'TAP' if tap else 'TUN'}: server SIGKILLed, restarted 2 s later: ping through the tunnel again "
-        f"{since_restart:.2f} s after the restart (first reply after {took:.2f} s of pinging), "
-        f"same client process (pid {client_pid})"
+        f"{'TAP' if tap else 'TUN'}: server SIGKILLed, restarted 2 s later: ping through the "
+        f"tunnel again {since_restart:.2f} s after the restart (first reply after {took:.2f} s "
+        f"of pinging), same client process (pid {client_pid})"
     )
 
 
