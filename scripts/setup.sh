@@ -26,12 +26,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.deps-stamp
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "setup: installing Python dependencies"
+if [ ! -f "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
+    echo "setup: installing Python dependencies (requirements.lock)"
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q "maturin>=1.7,<2" \
-        "trio>=0.27,<0.36" "pyroute2>=0.9.2,<0.10" "cryptography>=43,<49" \
-        "pytest>=8,<10" "hypothesis>=6.100,<7" "ruff>=0.6,<1"
+    .venv/bin/pip install -q -r requirements.lock
     touch "$stamp"
 fi
 
