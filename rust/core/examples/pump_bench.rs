@@ -3,13 +3,18 @@
 //!
 //! ```text
 //! cargo run --release -p simpletun-core --example pump_bench -- [--seconds N] [--size BYTES]
-//!     [--mode esp128|esp256|plain] [--both]
+//!     [--mode esp128|esp256|plain] [--both] [--rr]
 //! ```
 //!
 //! A writer thread offers `size`-byte IPv4-looking packets to device A as fast as it can; a
 //! reader drains device B (with `--both`, the same happens from B to A at the same time).
 //! Reported: inner-packet goodput (10^9 bit/s), packets per second, and the process's CPU
 //! time per second of wall time (out of the machine's cores).
+//!
+//! `--rr` measures latency instead: one packet at a time goes A → B, a responder echoes it
+//! back B → A, and the next leaves 2 ms after the answer came (a quiet tunnel, like `ping`).
+//! Reported: round trips through both pumps (and the two test threads' own wake-ups), median,
+//! mean and 90th percentile.
 
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -26,6 +31,7 @@ struct Args {
     size: usize,
     mode: String,
     both: bool,
+    rr: bool,
 }
 
 fn args() -> Args {
@@ -34,6 +40,7 @@ fn args() -> Args {
         size: 1400,
         mode: "esp128".into(),
         both: false,
+        rr: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -43,6 +50,7 @@ fn args() -> Args {
             "--size" => a.size = v().parse().expect("--size BYTES"),
             "--mode" => a.mode = v(),
             "--both" => a.both = true,
+            "--rr" => a.rr = true,
             _ => panic!("unknown argument {k}; see the header of examples/pump_bench.rs"),
         }
     }
@@ -114,6 +122,38 @@ fn reader(dev: &OwnedFd, stop: &AtomicBool, packets: &AtomicU64) {
     }
 }
 
+/// Echo every packet arriving on `dev` back into it until `stop`.
+fn responder(dev: &OwnedFd, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 70_000];
+    while !stop.load(Relaxed) {
+        // SAFETY: buf is valid for writes of its length.
+        let n = unsafe { libc::recv(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 0 {
+            // SAFETY: buf[..n] was just written.
+            unsafe { libc::send(dev.as_raw_fd(), buf.as_ptr().cast(), n as usize, 0) };
+        }
+    }
+}
+
+/// Send one packet into `dev` at a time and time its echo, for `seconds`; microseconds.
+fn round_trips(dev: &OwnedFd, size: usize, seconds: f64) -> Vec<f64> {
+    let mut pkt = vec![0xa5u8; size];
+    pkt[0] = 0x45;
+    let mut buf = vec![0u8; 70_000];
+    let mut rtts = vec![];
+    let t0 = Instant::now();
+    while t0.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        // SAFETY: pkt and buf are valid for the lengths given.
+        unsafe { libc::send(dev.as_raw_fd(), pkt.as_ptr().cast(), pkt.len(), 0) };
+        let n = unsafe { libc::recv(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        assert_eq!(n, size as isize, "echo lost");
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        thread::sleep(Duration::from_millis(2));
+    }
+    rtts
+}
+
 fn main() {
     let a = args();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -152,6 +192,26 @@ fn main() {
     }
 
     let stop = AtomicBool::new(false);
+    if a.rr {
+        let mut rtts = thread::scope(|s| {
+            s.spawn(|| responder(&test_b, &stop));
+            let r = round_trips(&test_a, a.size, a.seconds);
+            stop.store(true, Relaxed);
+            r
+        });
+        rtts.sort_by(f64::total_cmp);
+        let mean = rtts.iter().sum::<f64>() / rtts.len() as f64;
+        println!(
+            "mode={} size={} rr: {} round trips, median {:.0} µs, mean {:.0} µs, p90 {:.0} µs",
+            a.mode,
+            a.size,
+            rtts.len(),
+            rtts[rtts.len() / 2],
+            mean,
+            rtts[rtts.len() * 9 / 10]
+        );
+        return;
+    }
     let (fwd, rev) = (AtomicU64::new(0), AtomicU64::new(0));
     let total = || fwd.load(Relaxed) + rev.load(Relaxed);
     let (wall, cpu, moved) = thread::scope(|s| {

@@ -8,15 +8,24 @@
 //! - stream → device (`rx.rs`): the stream is read 256 KiB at a time, frames are parsed and
 //!   decapsulated in place, each inner packet is written to the device.
 //!
-//! No allocation, lock or shared-counter update per packet. The pump works on duplicates of the
-//! caller's descriptors, closed when its threads end; the caller's own descriptors are never
-//! closed. Either thread ending (stop, end of stream, error, sequence numbers exhausted) ends
-//! the other; when both have ended the `done` eventfd becomes readable.
+//! Each direction is a non-blocking state machine behind a lock; its own thread ("owner") holds
+//! the lock while it works and releases it before it sleeps. A thread that has just moved
+//! packets after a quiet spell lingers briefly before sleeping, and does the other direction's
+//! work itself if that arrives meanwhile and the lock is free (`linger.rs`): a ping through a
+//! tunnel then wakes two sleeping threads instead of four.
+//!
+//! No allocation, blocking lock or shared-counter update per packet. The pump works on
+//! duplicates of the caller's descriptors, closed when its threads end; the caller's own
+//! descriptors are never closed. Either thread ending (stop, end of stream, error, sequence
+//! numbers exhausted) ends the other; when both have ended the `done` eventfd becomes readable.
 
 mod control;
 mod counters;
+mod linger;
 mod rx;
 mod sys;
+#[cfg(test)]
+mod tests;
 mod tx;
 
 use std::io;
@@ -33,6 +42,9 @@ use crate::frame::MAX_FRAME;
 use crate::tun::Kind;
 use control::Control;
 use counters::Counters;
+use linger::Dir;
+use rx::Rx;
+use tx::Tx;
 
 /// What the frames carry.
 // Built once per pump and moved into its threads; boxing the SAs would buy nothing.
@@ -67,29 +79,80 @@ impl PumpConfig {
     }
 }
 
-/// A thread's work: runs until the pump ends, returns why.
-type Body = Box<dyn FnOnce(&Shared) -> PumpExit + Send>;
-
+/// What the pump and its threads share (outlives the threads).
 struct Shared {
     ctl: Control,
     counters: Counters,
 }
 
-/// What a pump thread works with (its direction decides which SA it is given).
-struct Worker<'a> {
+/// The fixed parameters of one direction (its direction decides which SA it is given).
+struct Worker {
     dev: RawFd,
     sock: RawFd,
-    ctl: &'a Control,
-    counters: &'a Counters,
     kind: Kind,
     sa: Option<SecurityAssociation>,
     max_frame: usize,
 }
 
-/// The pump's own duplicates of the two descriptors; dropped (closed) by the last thread.
-struct Link {
+/// What the threads work on: the pump's own duplicates of the two descriptors and the state of
+/// each direction. Dropped by the last thread, which closes the descriptors.
+struct Plane {
     dev: OwnedFd,
     sock: OwnedFd,
+    tx: Mutex<Tx>,
+    rx: Mutex<Rx>,
+    /// One eventfd per direction ([`Dir::index`]), in its owner's sleep: signalled by the other
+    /// thread when work it did there left output waiting (which the owner is not polling for).
+    kick: [OwnedFd; 2],
+}
+
+impl Plane {
+    fn new(device: RawFd, stream: RawFd, config: PumpConfig) -> io::Result<Plane> {
+        let PumpConfig {
+            kind,
+            crypto,
+            max_frame,
+        } = config;
+        let esp = matches!(crypto, Crypto::Esp { .. });
+        let min_frame = if esp { MIN_PACKET_LEN } else { 1 };
+        if !(min_frame..=MAX_FRAME).contains(&max_frame) {
+            return Err(invalid(format!(
+                "max_frame {max_frame} is out of range; choose {min_frame} to {MAX_FRAME} bytes"
+            )));
+        }
+        let dup = |fd: RawFd, what: &str| {
+            sys::dup(fd).map_err(|e| io::Error::new(e.kind(), format!("{what} {fd}: {e}")))
+        };
+        let (dev_fd, sock_fd) = (dup(device, "device fd")?, dup(stream, "socket fd")?);
+        let (dev, sock) = (dev_fd.as_raw_fd(), sock_fd.as_raw_fd());
+        if !sys::is_stream_socket(sock) {
+            return Err(invalid(format!(
+                "socket fd {stream} is not a stream socket (a connected TCP socket is expected)"
+            )));
+        }
+        sys::set_nonblocking(dev)?;
+        sys::set_nonblocking(sock)?;
+        sys::set_nodelay_if_tcp(sock);
+
+        let (tx_sa, rx_sa) = match crypto {
+            Crypto::Plaintext => (None, None),
+            Crypto::Esp { tx, rx } => (Some(tx), Some(rx)),
+        };
+        let worker = |sa| Worker {
+            dev,
+            sock,
+            kind,
+            sa,
+            max_frame,
+        };
+        Ok(Plane {
+            dev: dev_fd,
+            sock: sock_fd,
+            tx: Mutex::new(Tx::new(worker(tx_sa))),
+            rx: Mutex::new(Rx::new(worker(rx_sa))),
+            kick: [sys::eventfd()?, sys::eventfd()?],
+        })
+    }
 }
 
 /// A running (or ended) data plane. Dropping it stops it.
@@ -106,69 +169,19 @@ impl Pump {
     /// Start pumping between `device` and `stream` (a connected stream socket). Both are
     /// switched to non-blocking mode; neither is closed by the pump.
     pub fn start(device: RawFd, stream: RawFd, config: PumpConfig) -> io::Result<Pump> {
-        let PumpConfig {
-            kind,
-            crypto,
-            max_frame,
-        } = config;
-        let esp = matches!(crypto, Crypto::Esp { .. });
-        let min_frame = if esp { MIN_PACKET_LEN } else { 1 };
-        if !(min_frame..=MAX_FRAME).contains(&max_frame) {
-            return Err(invalid(format!(
-                "max_frame {max_frame} is out of range; choose {min_frame} to {MAX_FRAME} bytes"
-            )));
-        }
-        let dup = |fd: RawFd, what: &str| {
-            sys::dup(fd).map_err(|e| io::Error::new(e.kind(), format!("{what} {fd}: {e}")))
-        };
-        let link = Link {
-            dev: dup(device, "device fd")?,
-            sock: dup(stream, "socket fd")?,
-        };
-        let (dev, sock) = (link.dev.as_raw_fd(), link.sock.as_raw_fd());
-        if !sys::is_stream_socket(sock) {
-            return Err(invalid(format!(
-                "socket fd {stream} is not a stream socket (a connected TCP socket is expected)"
-            )));
-        }
-        sys::set_nonblocking(dev)?;
-        sys::set_nonblocking(sock)?;
-        sys::set_nodelay_if_tcp(sock);
-
-        let (tx_sa, rx_sa) = match crypto {
-            Crypto::Plaintext => (None, None),
-            Crypto::Esp { tx, rx } => (Some(tx), Some(rx)),
-        };
-        let worker = move |run: fn(Worker) -> PumpExit, sa| -> Body {
-            Box::new(move |s: &Shared| {
-                let (ctl, counters) = (&s.ctl, &s.counters);
-                run(Worker {
-                    dev,
-                    sock,
-                    ctl,
-                    counters,
-                    kind,
-                    sa,
-                    max_frame,
-                })
-            })
-        };
-        let bodies = [
-            ("simpletun-tx", worker(tx::run, tx_sa)),
-            ("simpletun-rx", worker(rx::run, rx_sa)),
-        ];
+        let plane = Arc::new(Plane::new(device, stream, config)?);
+        let owners = [Dir::Tx, Dir::Rx];
         let shared = Arc::new(Shared {
-            ctl: Control::new(bodies.len())?,
+            ctl: Control::new(owners.len())?,
             counters: Counters::default(),
         });
         let pump = Pump {
             shared,
-            threads: Mutex::new(Vec::with_capacity(bodies.len())),
+            threads: Mutex::new(Vec::with_capacity(owners.len())),
         };
-        let link = Arc::new(link);
-        let mut unstarted = bodies.len();
-        for (name, body) in bodies {
-            if let Err(e) = pump.spawn(name, &link, body) {
+        let mut unstarted = owners.len();
+        for dir in owners {
+            if let Err(e) = pump.spawn(dir, &plane) {
                 // The threads already running must not wait for partners that never started.
                 pump.shared.ctl.end(PumpExit::Stopped);
                 for _ in 0..unstarted {
@@ -181,13 +194,17 @@ impl Pump {
         Ok(pump)
     }
 
-    fn spawn(&self, name: &str, link: &Arc<Link>, body: Body) -> io::Result<()> {
-        let (shared, link) = (self.shared.clone(), link.clone());
+    fn spawn(&self, dir: Dir, plane: &Arc<Plane>) -> io::Result<()> {
+        let (shared, plane) = (self.shared.clone(), plane.clone());
+        let name = match dir {
+            Dir::Tx => "simpletun-tx",
+            Dir::Rx => "simpletun-rx",
+        };
         let handle = thread::Builder::new().name(name.into()).spawn(move || {
-            let exit = panic::catch_unwind(AssertUnwindSafe(|| body(&shared)))
+            let exit = panic::catch_unwind(AssertUnwindSafe(|| linger::run(&shared, &plane, dir)))
                 .unwrap_or(PumpExit::Panicked);
             shared.ctl.end(exit);
-            drop(link);
+            drop(plane);
             shared.ctl.thread_exited();
         })?;
         self.lock_threads().push(handle);

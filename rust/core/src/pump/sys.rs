@@ -132,31 +132,59 @@ pub enum Wake {
     Ready,
     /// The stop eventfd was signalled.
     Stop,
+    /// The `kick` eventfd was signalled (and has been cleared).
+    Kick,
 }
 
-/// Block until `fd` has `events` (POLLIN or POLLOUT) or `stop` is signalled.
-pub fn wait(fd: RawFd, events: libc::c_short, stop: RawFd) -> io::Result<Wake> {
-    let mut fds = [
-        libc::pollfd {
-            fd: stop,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        },
-    ];
+const fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> {
     retry_eintr(|| {
-        // SAFETY: fds is a valid array of two pollfd.
-        check(unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } as isize)
-    })?;
+        // SAFETY: fds is a valid array of fds.len() pollfd.
+        check(
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) } as isize,
+        )
+    })
+}
+
+/// Block until `fd` has `events` (POLLIN or POLLOUT), or `stop` or `kick` is signalled.
+pub fn wait(fd: RawFd, events: libc::c_short, stop: RawFd, kick: RawFd) -> io::Result<Wake> {
+    let mut fds = [
+        pollfd(stop, libc::POLLIN),
+        pollfd(fd, events),
+        pollfd(kick, libc::POLLIN),
+    ];
+    poll(&mut fds, -1)?;
     if fds[0].revents != 0 {
         return Ok(Wake::Stop);
     }
     if fds[1].revents & libc::POLLNVAL != 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
+    if fds[1].revents == 0 {
+        let mut count = [0u8; 8];
+        // Reset the eventfd; failure (already reset) is harmless.
+        let _ = read(kick, &mut count);
+        return Ok(Wake::Kick);
+    }
     Ok(Wake::Ready)
+}
+
+/// `revents` of the device (polled for `POLLIN`) and the socket (`POLLIN | POLLOUT`) right now,
+/// without waiting. A failed poll reports nothing ready.
+pub fn ready_now(dev: RawFd, sock: RawFd) -> (libc::c_short, libc::c_short) {
+    let mut fds = [
+        pollfd(dev, libc::POLLIN),
+        pollfd(sock, libc::POLLIN | libc::POLLOUT),
+    ];
+    match poll(&mut fds, 0) {
+        Ok(_) => (fds[0].revents, fds[1].revents),
+        Err(_) => (0, 0),
+    }
 }
