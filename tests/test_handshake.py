@@ -1,6 +1,5 @@
 """The session handshake (docs/PROTOCOL.md) over trio in-memory streams and real sockets."""
 
-import functools
 import hashlib
 import hmac
 import struct
@@ -13,25 +12,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from triotest import trio_test
 
 from simpletun import handshake as hs
 from simpletun._errors import HandshakeError
-
-
-def trio_test(fn):
-    """Run an async test function under trio.run (no pytest plugin needed), failing it if it
-    takes over 10 s rather than hanging."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        async def bounded():
-            with trio.fail_after(10):
-                return await fn(*args, **kwargs)
-
-        return trio.run(bounded)
-
-    return wrapper
-
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

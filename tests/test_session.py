@@ -1,7 +1,6 @@
 """Session supervision: server and client loops over loopback TCP, with the real Rust pump and
 SOCK_SEQPACKET socketpairs standing in for TUN devices (no root needed)."""
 
-import functools
 import logging
 import socket
 import struct
@@ -9,6 +8,7 @@ import time
 
 import pytest
 import trio
+from triotest import trio_test
 
 from simpletun import handshake as hs
 from simpletun import session
@@ -16,21 +16,6 @@ from simpletun._errors import ConfigError, HandshakeError
 from simpletun.keys import generate_key
 from simpletun.netdev import Device
 from simpletun.session import Config
-
-
-def trio_test(fn):
-    """Run an async test under trio.run, failing it after 20 s rather than hanging."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        async def bounded():
-            with trio.fail_after(20):
-                return await fn(*args, **kwargs)
-
-        return trio.run(bounded)
-
-    return wrapper
-
 
 KEY = generate_key()
 
