@@ -242,11 +242,9 @@ async def client_handshake(
 ) -> HandshakeResult:
     """Run the client side; raises HandshakeError (with ``.code``) on any failure."""
     cid = _check_args(key, cipher)
-    with trio.move_on_after(timeout) as scope:
-        return await _client(stream, key, cid)
-    assert scope.cancelled_caught
-    raise handshake_error(
-        TIMEOUT,
+    return await _within(
+        timeout,
+        _client(stream, key, cid),
         f"no handshake reply from the server within {timeout:g} s "
         "(is it simpletun in ESP mode, not --plaintext?)",
     )
@@ -257,12 +255,18 @@ async def server_handshake(
 ) -> HandshakeResult:
     """Run the server side; raises HandshakeError (with ``.code``) on any failure."""
     cid = _check_args(key, cipher)
-    with trio.move_on_after(timeout) as scope:
-        return await _server(stream, key, cid)
-    assert scope.cancelled_caught
-    raise handshake_error(
-        TIMEOUT, f"the client did not complete the handshake within {timeout:g} s"
+    return await _within(
+        timeout,
+        _server(stream, key, cid),
+        f"the client did not complete the handshake within {timeout:g} s",
     )
+
+
+async def _within(timeout: float, handshake, message: str) -> HandshakeResult:
+    """Await the ``handshake`` coroutine, or raise a TIMEOUT HandshakeError with ``message``."""
+    with trio.move_on_after(timeout):
+        return await handshake
+    raise handshake_error(TIMEOUT, message)
 
 
 async def _client(stream: trio.abc.Stream, key: bytes, cid: int) -> HandshakeResult:
