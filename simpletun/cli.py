@@ -1,12 +1,14 @@
 """The ``simpletun`` command: flag-compatible with simpletun.c, plus ESP options and genkey.
 
-Exit status: 0 after SIGINT/SIGTERM (or -h, genkey), 1 on a runtime error (device, network,
-handshake rejected by the server), 2 on a usage error (one line on stderr).
+Exit status: 0 after SIGINT/SIGTERM/SIGHUP (or -h, genkey), 128+N after another terminating
+signal N (cleaned up first), 1 on a local runtime error (the device cannot be made or
+recreated, the port cannot be listened on), 2 on a usage error (one line on stderr). Nothing
+from the network ends the process: a rejected handshake is logged and retried.
 """
 
 import argparse
-import ipaddress
 import logging
+import os
 import signal
 import sys
 
@@ -14,8 +16,22 @@ import trio
 
 from simpletun import keys
 from simpletun._errors import ConfigError, SimpletunError
-from simpletun.handshake import CIPHER_IDS, DEFAULT_CIPHER
-from simpletun.session import DEFAULT_MTU, DEFAULT_PORT, MAX_MTU, MIN_MTU, Config
+from simpletun.config import (
+    DEFAULT_MTU,
+    DEFAULT_PORT,
+    MAX_MTU,
+    MIN_MTU,
+    Config,
+    check_address,
+    check_cipher,
+    check_host,
+    check_ifname,
+    check_mtu,
+    check_port,
+    check_route,
+)
+from simpletun.handshake import DEFAULT_CIPHER
+from simpletun.ratelimit import RateLimitFilter
 
 PROG = "simpletun"
 
@@ -40,6 +56,8 @@ Usage:
   --cipher NAME    aes-128-cbc (default), aes-192-cbc or aes-256-cbc; both ends must agree
   --addr CIDR      address the device, e.g. 10.0.0.1/24 (may be repeated)
   --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU})
+  --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
+                   kept in place while the tunnel runs (also across reconnects), removed on exit
 
   genkey           write a new random key to stdout; with '> FILE' the file is made mode 0600
 """
@@ -91,68 +109,46 @@ _METAVARS = {
     "--cipher": "NAME",
     "--addr": "CIDR",
     "--mtu": "N",
+    "--route": "CIDR",
 }
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port must be a number 1-65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {value}")
-    return value
+def _checked(check, convert=None):
+    """An argparse type from one of simpletun.config's checks (one place for validation)."""
+
+    def parse(text: str):
+        try:
+            return check(convert(text) if convert else text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
-def _mtu(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"MTU must be a number {MIN_MTU}-{MAX_MTU}, got {text!r}"
-        ) from None
-    if not MIN_MTU <= value <= MAX_MTU:
-        raise argparse.ArgumentTypeError(f"MTU must be {MIN_MTU}-{MAX_MTU}, got {value}")
-    return value
+def _number(what: str, lo: int, hi: int):
+    def convert(text: str) -> int:
+        try:
+            return int(text, 10)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number {lo}-{hi}, got {text!r}") from None
+
+    return convert
 
 
-def _cipher(text: str) -> str:
-    if text not in CIPHER_IDS:
-        raise argparse.ArgumentTypeError(
-            f"unknown cipher {text!r}; choose one of {', '.join(CIPHER_IDS)}"
-        )
-    return text
-
-
-def _cidr(text: str):
-    example = "like 10.0.0.1/24 or fd00::1/64"
-    if "/" not in text:
-        raise argparse.ArgumentTypeError(
-            f"expected an address with a prefix length ({example}), got {text!r}"
-        )
-    try:
-        return ipaddress.ip_interface(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an address with a prefix length ({example}): {text!r}"
-        ) from None
-
-
-def _ifname(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("the interface name is empty (e.g. -i tun0)")
-    if len(text.encode()) > 15:
-        raise argparse.ArgumentTypeError(f"interface name {text!r} is too long (at most 15 bytes)")
-    if text in (".", "..") or any(c in text for c in "/: \t\n\0"):
-        raise argparse.ArgumentTypeError(f"invalid interface name {text!r} (no '/', ':' or spaces)")
-    return text
+_port = _checked(check_port, _number("port", 1, 65535))
+_mtu = _checked(check_mtu, _number("MTU", MIN_MTU, MAX_MTU))
+_cipher = _checked(check_cipher)
+_cidr = _checked(check_address)
+_route = _checked(check_route)
+_ifname = _checked(check_ifname)
+_host = _checked(check_host)
 
 
 def _parser() -> _Parser:
     p = _Parser(prog=PROG, add_help=False, allow_abbrev=False, usage=argparse.SUPPRESS)
     p.add_argument("-i", dest="ifname", type=_ifname)
     p.add_argument("-s", dest="server", action="store_true")
-    p.add_argument("-c", dest="host")
+    p.add_argument("-c", dest="host", type=_host)
     p.add_argument("-p", dest="port", type=_port, default=DEFAULT_PORT)
     p.add_argument("-u", dest="tun", action="store_true")
     p.add_argument("-a", dest="tap", action="store_true")
@@ -163,6 +159,7 @@ def _parser() -> _Parser:
     p.add_argument("--cipher", type=_cipher)
     p.add_argument("--addr", dest="addrs", type=_cidr, action="append", default=[])
     p.add_argument("--mtu", type=_mtu, default=DEFAULT_MTU)
+    p.add_argument("--route", dest="routes", type=_route, action="append", default=[])
     return p
 
 
@@ -178,8 +175,6 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         raise UsageError("-s and -c are mutually exclusive: run as server (-s) or client (-c HOST)")
     if not ns.server and ns.host is None:
         raise UsageError("choose a mode: -s (server) or -c HOST (client)")
-    if ns.host is not None and not ns.host.strip():
-        raise UsageError("-c: the server address is empty")
     if ns.tun and ns.tap:
         raise UsageError("-u (TUN) and -a (TAP) are mutually exclusive; pick one")
     if ns.ifname is None:
@@ -203,6 +198,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         cipher=ns.cipher or DEFAULT_CIPHER,
         mtu=ns.mtu,
         addresses=tuple(ns.addrs),
+        routes=tuple(ns.routes),
     ), ns.debug
 
 
@@ -227,19 +223,52 @@ def genkey(argv: list[str]) -> int:
     return 0
 
 
-def _setup_logging(debug: bool) -> None:
+def _setup_logging(debug: bool) -> RateLimitFilter:
     handler = logging.StreamHandler(sys.stderr)
-    if debug:
+    if debug and not os.environ.get("JOURNAL_STREAM"):  # journald adds its own timestamps
         fmt = logging.Formatter(
             "%(asctime)s.%(msecs)03d " + PROG + ": %(message)s", datefmt="%H:%M:%S"
         )
     else:
         fmt = logging.Formatter(PROG + ": %(message)s")
     handler.setFormatter(fmt)
+    limiter = RateLimitFilter()
+    limiter.handler = handler
+    handler.addFilter(limiter)
     root = logging.getLogger("simpletun")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
+    return limiter
+
+
+# Signals whose default action ends the process: each ends the tunnel cleanly instead (device,
+# addresses and routes released). SIGINT, SIGTERM and SIGHUP (until reload exists) exit 0;
+# the others exit 128+N like the default action would, after the clean-up.
+CLEAN_EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+OTHER_FATAL_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in (
+        "SIGQUIT",
+        "SIGUSR2",
+        "SIGALRM",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGPWR",
+        "SIGSTKFLT",
+        "SIGIO",
+    )
+    if hasattr(signal, name)
+) + tuple(range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
 
 
 def _report(tunnel) -> None:
@@ -252,8 +281,8 @@ def _report(tunnel) -> None:
         log.info("%s (up %.1f s, %s)", sess.counters_line(), sess.duration, sess.describe())
 
 
-async def _run(config: Config) -> int:
-    """Run until a signal (→ 0) or a fatal error (→ 1)."""
+async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
+    """Run until a signal (→ 0, or 128+N) or a fatal local error (→ 1)."""
     from simpletun import session
 
     log = logging.getLogger("simpletun")
@@ -262,16 +291,32 @@ async def _run(config: Config) -> int:
     state: dict[str, session.Tunnel] = {}
 
     async def watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
-        wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+        wanted = (signal.SIGUSR1, *CLEAN_EXIT_SIGNALS, *OTHER_FATAL_SIGNALS)
         with trio.open_signal_receiver(*wanted) as signals:
             task_status.started()
             async for signum in signals:
                 if signum == signal.SIGUSR1:
                     _report(state.get("tunnel"))
                     continue
-                log.debug("got %s, shutting down", signal.Signals(signum).name)
+                name = _signal_name(signum)
+                if signum in CLEAN_EXIT_SIGNALS:
+                    how = "shutting down" if signum != signal.SIGHUP else "stopping (no reload yet)"
+                    log.log(
+                        logging.INFO if signum == signal.SIGHUP else logging.DEBUG,
+                        "got %s, %s",
+                        name,
+                        how,
+                    )
+                else:
+                    log.warning("got %s, shutting down", name)
+                    outcome["status"] = 128 + signum
                 nursery.cancel_scope.cancel()
                 return
+
+    async def flush_log() -> None:
+        while limiter is not None:
+            await trio.sleep(1.0)
+            limiter.flush()
 
     async def tunnel() -> None:
         try:
@@ -286,8 +331,27 @@ async def _run(config: Config) -> int:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals)
+        nursery.start_soon(flush_log)
         nursery.start_soon(tunnel)
+    if limiter is not None:
+        limiter.flush()
     return outcome["status"]
+
+
+def _internal_error(e: BaseException) -> int:
+    """Last resort: a bug must still be one line, not a traceback (set SIMPLETUN_TRACEBACK=1
+    to see it)."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    if os.environ.get("SIMPLETUN_TRACEBACK"):
+        import traceback
+
+        traceback.print_exception(e)
+    return _error(
+        f"internal error: {type(e).__name__}: {e} (please report it; run with "
+        "SIMPLETUN_TRACEBACK=1 for details)",
+        1,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,9 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         parsed = parse_args(argv)
     except (UsageError, ConfigError) as e:
         return _error(str(e), 2)
+    except Exception as e:
+        return _internal_error(e)
     if parsed is None:
         sys.stdout.write(USAGE)
         return 0
     config, debug = parsed
-    _setup_logging(debug)
-    return trio.run(_run, config)
+    limiter = _setup_logging(debug)
+    try:
+        return trio.run(_run, config, limiter)
+    except KeyboardInterrupt:  # a signal before the handlers were installed
+        return 0
+    except Exception as e:
+        return _internal_error(e)

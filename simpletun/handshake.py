@@ -251,13 +251,21 @@ async def client_handshake(
 
 
 async def server_handshake(
-    stream: trio.abc.Stream, key: bytes, cipher: str = DEFAULT_CIPHER, *, timeout=DEFAULT_TIMEOUT
+    stream: trio.abc.Stream,
+    key: bytes,
+    cipher: str = DEFAULT_CIPHER,
+    *,
+    timeout=DEFAULT_TIMEOUT,
+    on_hello=None,
 ) -> HandshakeResult:
-    """Run the server side; raises HandshakeError (with ``.code``) on any failure."""
+    """Run the server side; raises HandshakeError (with ``.code``) on any failure.
+
+    ``on_hello()`` is called once a well-formed ClientHello of our version and cipher has
+    arrived (admission control uses it to tell real clients from idle connections)."""
     cid = _check_args(key, cipher)
     return await _within(
         timeout,
-        _server(stream, key, cid),
+        _server(stream, key, cid, on_hello),
         f"the client did not complete the handshake within {timeout:g} s",
     )
 
@@ -301,7 +309,7 @@ async def _client(stream: trio.abc.Stream, key: bytes, cid: int) -> HandshakeRes
     )
 
 
-async def _server(stream: trio.abc.Stream, key: bytes, cid: int) -> HandshakeResult:
+async def _server(stream: trio.abc.Stream, key: bytes, cid: int, on_hello=None) -> HandshakeResult:
     cipher = _cipher_name(cid)
     msg_type, hello = await _receive_message(stream, "client", cipher)
     if msg_type != MSG_CLIENT_HELLO:
@@ -326,6 +334,8 @@ async def _server(stream: trio.abc.Stream, key: bytes, cid: int) -> HandshakeRes
             f"({_CIPHER_HINT})",
         )
     nonce_c = hello[7:]
+    if on_hello is not None:
+        on_hello()
     nonce_s = secrets.token_bytes(NONCE_LEN)
     head = CONTROL_MARKER + bytes([MSG_SERVER_HELLO, VERSION, cid]) + nonce_s
     th = transcript_hash(hello, head)

@@ -9,13 +9,22 @@ import hashlib
 import ipaddress
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 
 from simpletun._errors import DeviceError
 
 log = logging.getLogger("simpletun.netdev")
 
+IFF_UP = 0x1
+
 Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# What check_device() reports.
+DEVICE_OK = "ok"
+DEVICE_DOWN = "down"  # present but administratively down (or missing an address or route)
+DEVICE_GONE = "gone"  # deleted, or replaced by another device of the same name
 
 
 @dataclass
@@ -27,6 +36,11 @@ class Device:
     tap: bool = False
     created: bool = False
     added: list[Address] = field(default_factory=list)
+    ifindex: int = 0
+    mtu: int = 1500
+    addresses: tuple[Address, ...] = ()
+    routes: tuple[Network, ...] = ()
+    routes_added: list[Network] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.name
@@ -51,17 +65,31 @@ def stable_mac(address: Address) -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def configure(
-    name: str, *, mtu: int, addresses: tuple[Address, ...] = (), mac: str | None = None
-) -> list[Address]:
-    """Set the MTU (and the MAC, if given), add ``addresses`` and bring ``name`` up.
+@dataclass
+class Configured:
+    """What :func:`configure` did: the device's index, and what it added (not what was there)."""
 
-    Returns the addresses actually added (those already present are left alone and not
-    returned). Raises DeviceError naming the step that failed.
+    ifindex: int
+    addresses: list[Address]
+    routes: list[Network]
+
+
+def configure(
+    name: str,
+    *,
+    mtu: int,
+    addresses: tuple[Address, ...] = (),
+    routes: tuple[Network, ...] = (),
+    mac: str | None = None,
+) -> Configured:
+    """Set the MTU (and the MAC, if given), add ``addresses``, bring ``name`` up and route
+    ``routes`` through it. Idempotent: what is already there is left alone (and not reported as
+    added). Raises DeviceError naming the step that failed.
     """
     from pyroute2 import IPRoute, NetlinkError
 
     added: list[Address] = []
+    routed: list[Network] = []
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=name)
         if not found:
@@ -91,7 +119,80 @@ def configure(
             ipr.link("set", index=index, state="up")
         except NetlinkError as e:
             raise DeviceError(f"{name}: cannot bring the device up: {_netlink_error(e)}") from None
-    return added
+        for net in routes:
+            family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+            try:
+                ipr.route(
+                    "add",
+                    dst=str(net.network_address),
+                    dst_len=net.prefixlen,
+                    oif=index,
+                    family=family,
+                )
+            except NetlinkError as e:
+                if e.code == errno.EEXIST:
+                    log.debug("%s: route %s already present", name, net)
+                    continue
+                raise DeviceError(
+                    f"{name}: cannot add route {net}: {_netlink_error(e)} "
+                    "(is another route for it in the way?)"
+                ) from None
+            routed.append(net)
+    return Configured(ifindex=index, addresses=added, routes=routed)
+
+
+def check_device(dev: Device) -> str:
+    """DEVICE_OK, DEVICE_DOWN (up flag, an address or a route missing) or DEVICE_GONE."""
+    from pyroute2 import IPRoute, NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            links = ipr.get_links(dev.ifindex) if dev.ifindex else []
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise DeviceError(
+                    f"{dev.name}: cannot read its state: {_netlink_error(e)}"
+                ) from None
+            links = []
+        if not links or links[0].get_attr("IFLA_IFNAME") != dev.name:
+            return DEVICE_GONE
+        if not links[0]["flags"] & IFF_UP:
+            return DEVICE_DOWN
+        have = {
+            (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=dev.ifindex)
+        }
+        if any((str(a.ip), a.network.prefixlen) not in have for a in dev.addresses):
+            return DEVICE_DOWN
+        if dev.routes:
+            present = set()
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for r in ipr.get_routes(family=family, oif=dev.ifindex, table=254):
+                    present.add((r.get_attr("RTA_DST"), r["dst_len"]))
+            for net in dev.routes:
+                if (str(net.network_address), net.prefixlen) not in present:
+                    return DEVICE_DOWN
+    return DEVICE_OK
+
+
+def remove_routes(name: str, ifindex: int, routes: list[Network]) -> None:
+    """Best effort: delete routes this process added."""
+    if not routes:
+        return
+    from pyroute2 import IPRoute, NetlinkError
+
+    with IPRoute() as ipr:
+        for net in routes:
+            family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+            try:
+                ipr.route(
+                    "del",
+                    dst=str(net.network_address),
+                    dst_len=net.prefixlen,
+                    oif=ifindex,
+                    family=family,
+                )
+            except NetlinkError as e:
+                log.debug("%s: could not remove route %s: %s", name, net, _netlink_error(e))
 
 
 def remove_addresses(name: str, addresses: list[Address]) -> None:
@@ -114,7 +215,12 @@ def remove_addresses(name: str, addresses: list[Address]) -> None:
 
 
 def open_device(
-    ifname: str, *, tap: bool = False, mtu: int = 1500, addresses: tuple[Address, ...] = ()
+    ifname: str,
+    *,
+    tap: bool = False,
+    mtu: int = 1500,
+    addresses: tuple[Address, ...] = (),
+    routes: tuple[Network, ...] = (),
 ) -> Device:
     """Open (creating if needed) and configure the device; DeviceError if either fails."""
     from simpletun._core import open_tun
@@ -128,23 +234,55 @@ def open_device(
     # Only a TAP device we created gets our MAC; a pre-existing one keeps its own.
     mac = stable_mac(addresses[0]) if tap and created and addresses else None
     try:
-        added = configure(name, mtu=mtu, addresses=addresses, mac=mac)
+        done = configure(name, mtu=mtu, addresses=addresses, routes=routes, mac=mac)
     except BaseException:
         os.close(fd)
         raise
     kind = "TAP" if tap else "TUN"
     log.debug("%s device %s %s, mtu %d", kind, name, "created" if created else "attached", mtu)
-    return Device(fd=fd, name=name, tap=tap, created=created, added=added)
+    return Device(
+        fd=fd,
+        name=name,
+        tap=tap,
+        created=created,
+        added=done.addresses,
+        ifindex=done.ifindex,
+        mtu=mtu,
+        addresses=addresses,
+        routes=routes,
+        routes_added=done.routes,
+    )
+
+
+def repair_device(dev: Device) -> None:
+    """Put back what is missing on a present device (up flag, addresses, routes, MTU)."""
+    done = configure(dev.name, mtu=dev.mtu, addresses=dev.addresses, routes=dev.routes)
+    if not dev.created:
+        dev.added += [a for a in done.addresses if a not in dev.added]
+    dev.routes_added += [r for r in done.routes if r not in dev.routes_added]
+
+
+def reopen_device(dev: Device) -> Device:
+    """After the device was deleted: close our descriptor and open and configure it anew."""
+    if dev.fd >= 0:
+        os.close(dev.fd)
+        dev.fd = -1
+    new = open_device(
+        dev.name, tap=dev.tap, mtu=dev.mtu, addresses=dev.addresses, routes=dev.routes
+    )
+    new.created = new.created or dev.created
+    return new
 
 
 def close_device(dev: Device) -> None:
     """Release the device: a device this process created vanishes as its descriptor closes;
-    on a pre-existing device the addresses we added are removed."""
-    if not dev.created and dev.added:
+    on a pre-existing device the routes and addresses we added are removed."""
+    if not dev.created:
         try:
+            remove_routes(dev.name, dev.ifindex, dev.routes_added)
             remove_addresses(dev.name, dev.added)
         except Exception as e:  # cleanup must not mask the real exit path
-            log.debug("%s: address clean-up failed: %s", dev.name, e)
+            log.debug("%s: clean-up failed: %s", dev.name, e)
     if dev.fd >= 0:
         os.close(dev.fd)
         dev.fd = -1

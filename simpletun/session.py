@@ -1,9 +1,16 @@
-"""Session supervision with trio: the server and client loops around the Rust pump.
+"""Session supervision with trio: the server and client loops around the Rust pump, and the
+device kept in place while the tunnel is configured.
 
 Each TCP connection is one session: (in ESP mode) a handshake in Python, then a
 ``simpletun._core.Pump`` moves packets between the device and the socket until the peer leaves,
 an error ends it, it is replaced, or we are cancelled. The pump is always stopped before its
 socket is closed, and only one pump at a time uses the device.
+
+Fail closed: nothing that arrives unauthenticated ends a tunnel end (a rejected handshake is
+logged and retried with backoff), and while the tunnel runs its device, addresses and routes
+stay in place, so traffic meant for the tunnel is dropped rather than routed in the clear. A
+deleted or downed device is noticed within ``Config.device_check_interval`` and recreated or
+repaired; if that is impossible the tunnel ends with a DeviceError (one line).
 
 Reusable as a Python API::
 
@@ -14,89 +21,35 @@ Reusable as a Python API::
         nursery.cancel_scope.cancel()
 
 ``serve``/``connect`` take an already open device (anything with ``.fd``, ``.name`` and ``.tap``,
-e.g. a socketpair end in tests) and leave it open; ``run`` opens and closes the real one.
+e.g. a socketpair end in tests) and leave it open; ``run`` opens, watches and closes the real one.
 """
 
-import ipaddress
+from __future__ import annotations
+
 import logging
-import os
-import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
-from simpletun import handshake, netdev
-from simpletun._errors import ConfigError, HandshakeError, SimpletunError
-from simpletun.handshake import DEFAULT_CIPHER, HandshakeResult
+from simpletun import handshake, netdev, tcp
+from simpletun._errors import DeviceError, HandshakeError, SimpletunError
+from simpletun.config import (
+    DEFAULT_MTU,
+    DEFAULT_PORT,
+    MAX_MTU,
+    MIN_MTU,
+    TAP_OVERHEAD,
+    Config,
+)
+from simpletun.handshake import HandshakeResult
+from simpletun.tcp import format_peer, tune_socket
 
 log = logging.getLogger("simpletun.session")
 
-DEFAULT_PORT = 55555
-DEFAULT_MTU = 1500
-MIN_MTU = 68
-MAX_MTU = 65000
-# Ethernet header plus one VLAN tag: what a TAP frame adds to the MTU.
-TAP_OVERHEAD = 18
-
-# TCP keepalive: probe an idle connection after 10 s, every 5 s, give up after 3 misses; and
-# drop a connection whose sent data stays unacknowledged for 30 s.
-KEEPALIVE_IDLE = 10
-KEEPALIVE_INTERVAL = 5
-KEEPALIVE_COUNT = 3
-USER_TIMEOUT_MS = 30_000
-# Connections allowed to be in the handshake at once (each is bounded by the handshake timeout).
-MAX_PENDING_HANDSHAKES = 32
-
-
-@dataclass(frozen=True)
-class Config:
-    """What a tunnel end is asked to do. ``key=None`` means plaintext (simpletun.c) mode."""
-
-    server: bool
-    ifname: str = "tun0"
-    host: str | None = None  # client: the server to connect to; server: bind address or all
-    port: int = DEFAULT_PORT
-    tap: bool = False
-    key: bytes | None = field(default=None, repr=False)
-    cipher: str = DEFAULT_CIPHER
-    mtu: int = DEFAULT_MTU
-    addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
-    handshake_timeout: float = handshake.DEFAULT_TIMEOUT
-    connect_timeout: float = 5.0
-    backoff_initial: float = 0.1
-    backoff_max: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not self.server and not self.host:
-            raise ConfigError("a client needs the server's address (host)")
-        if not (0 if self.server else 1) <= self.port <= 65535:
-            raise ConfigError(f"port must be 1-65535 (a server may use 0: any), got {self.port}")
-        if not MIN_MTU <= self.mtu <= MAX_MTU:
-            raise ConfigError(f"mtu must be {MIN_MTU}-{MAX_MTU}, got {self.mtu}")
-        if self.key is not None:
-            if len(self.key) != 32:
-                raise ConfigError("the key must be 32 bytes")
-            handshake.cipher_id(self.cipher)
-
-    @property
-    def esp(self) -> bool:
-        return self.key is not None
-
-    @property
-    def max_frame(self) -> int:
-        """The largest frame payload the pump accepts from the peer."""
-        if not self.esp:
-            return self.mtu + TAP_OVERHEAD
-        from simpletun._core import esp_encap_len
-
-        return esp_encap_len(self.mtu + TAP_OVERHEAD if self.tap else self.mtu)
-
-    def backoff(self, failures: int) -> float:
-        """Delay before reconnect attempt number ``failures`` + 1 (0 → at once)."""
-        if failures <= 0:
-            return 0.0
-        return min(self.backoff_initial * 2 ** min(failures - 1, 32), self.backoff_max)
+# Two sessions from different addresses replacing each other within this many seconds means two
+# clients share one key (they knock each other off): say so.
+FLAP_WINDOW = 10.0
 
 
 class Session:
@@ -120,6 +73,7 @@ class Session:
 
     @property
     def stats(self) -> dict:
+        """Live counters while running; once ended, the final counters (all flushed)."""
         if self._final_stats is not None:
             return dict(self._final_stats)
         return dict(self.pump.stats) if self.pump is not None else {}
@@ -128,14 +82,24 @@ class Session:
     def duration(self) -> float:
         return (self.ended_at or time.monotonic()) - self.started_at
 
+    @property
+    def device_failed(self) -> bool:
+        return (self.exit_reason or "").startswith("device")
+
+    async def wait_ended(self) -> None:
+        await self._done.wait()
+
     def describe(self) -> str:
         return "plaintext" if self.handshake is None else f"ESP {self.handshake.cipher}"
 
-    def counters_line(self) -> str:
-        """``session with PEER counters: k=v ...`` (drop counters only when non-zero)."""
+    def counters_text(self) -> str:
+        """``k=v ...`` (drop counters only when non-zero)."""
         s = self.stats
-        counters = " ".join(f"{k}={v}" for k, v in s.items() if v or not k.startswith("drop_"))
-        return f"session with {self.peer} counters: {counters}"
+        return " ".join(f"{k}={v}" for k, v in s.items() if v or not k.startswith("drop_"))
+
+    def counters_line(self) -> str:
+        """``session with PEER counters: k=v ...``."""
+        return f"session with {self.peer} counters: {self.counters_text()}"
 
 
 class Tunnel:
@@ -148,7 +112,16 @@ class Tunnel:
         self.session: Session | None = None
         self.sessions = 0  # sessions that completed a handshake (or, plaintext, connected)
         self.last_exit_reason: str | None = None
+        self.handshake_failures = 0  # rejected or failed handshakes (never fatal)
+        self.evicted = 0  # unauthenticated connections dropped to make room (server)
+        self.device_recreated = 0
+        self.device_repaired = 0
+        self.flaps = 0  # replacements soon after a replacement (two clients, one key)
         self._lock = trio.Lock()
+        self._device_ready = trio.Event()
+        self._device_ready.set()
+        self._check_device = trio.Event()
+        self._last_replace: tuple[float, str] | None = None  # (when, replaced peer)
 
     def stats(self) -> dict:
         """The current session's pump counters ({} between sessions)."""
@@ -167,8 +140,10 @@ class Tunnel:
         try:
             with sess._scope:
                 async with self._lock:
+                    await self._device_ready.wait()
                     old = self.session
                     if old is not None:
+                        self._note_replacement(old.peer, peer)
                         old._replaced_by = peer
                         old._scope.cancel()
                         await old._done.wait()
@@ -182,6 +157,20 @@ class Tunnel:
             with trio.CancelScope(shield=True):
                 await self._end_session(sess, stream)
         return sess
+
+    def _note_replacement(self, old_peer: str, new_peer: str) -> None:
+        """Warn when sessions keep replacing each other: two clients share one key."""
+        now = time.monotonic()
+        last, self._last_replace = self._last_replace, (now, old_peer)
+        if last is not None and now - last[0] < FLAP_WINDOW:
+            self.flaps += 1
+            log.warning(
+                "sessions keep replacing each other (%s by %s): two clients are probably using "
+                "the same key; each new session ends the other. Give every client its own "
+                "server and key (peer identities come with IKEv2)",
+                old_peer,
+                new_peer,
+            )
 
     def _start_pump(self, stream: trio.SocketStream, result: HandshakeResult | None):
         from simpletun._core import Pump
@@ -215,36 +204,49 @@ class Tunnel:
         if pump is None:
             return
         self.last_exit_reason = sess.exit_reason
+        if sess.device_failed:
+            self._check_device.set()  # look at the device now, not at the next tick
         log.info(
             "session with %s ended after %.1f s: %s", sess.peer, sess.duration, sess.exit_reason
         )
-        log.debug("%s", sess.counters_line())
+        log.debug("session with %s counters: %s", sess.peer, sess.counters_text())
 
+    async def wait_device_ready(self) -> None:
+        await self._device_ready.wait()
 
-def _connect_error(e: BaseException) -> str:
-    """A short reason from open_tcp_stream's failure (it wraps the per-address errors)."""
-    if isinstance(e, trio.TooSlowError):
-        return "timed out"
-    causes = getattr(e.__cause__, "exceptions", ())
-    reasons = sorted({os.strerror(c.errno) for c in causes if isinstance(c, OSError) and c.errno})
-    if reasons:
-        return ", ".join(reasons)
-    return getattr(e, "strerror", None) or str(e)
-
-
-def format_peer(addr) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def tune_socket(sock) -> None:
-    """TCP_NODELAY (latency) and keepalive/user timeout (notice a dead peer within ~30 s)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+    async def watch_device(self) -> None:
+        """Keep the real device in place: repair it when downed or stripped, recreate it when
+        deleted. Raises DeviceError when that is impossible."""
+        interval = self.config.device_check_interval
+        while True:
+            with trio.move_on_after(interval):
+                await self._check_device.wait()
+            self._check_device = trio.Event()
+            state = await trio.to_thread.run_sync(netdev.check_device, self.device)
+            if state == netdev.DEVICE_OK:
+                continue
+            name = self.device.name
+            if state == netdev.DEVICE_DOWN:
+                log.warning("device %s was downed or lost an address or route; restoring it", name)
+                try:
+                    await trio.to_thread.run_sync(netdev.repair_device, self.device)
+                except DeviceError as e:
+                    raise DeviceError(f"cannot restore device {name}: {e}") from None
+                self.device_repaired += 1
+                continue
+            log.warning("device %s was deleted; recreating it", name)
+            self._device_ready = trio.Event()
+            async with self._lock:
+                if self.session is not None:
+                    self.session._scope.cancel()
+                    await self.session._done.wait()
+                try:
+                    self.device = await trio.to_thread.run_sync(netdev.reopen_device, self.device)
+                except DeviceError as e:
+                    raise DeviceError(f"cannot recreate device {name}: {e}") from None
+                self.device_recreated += 1
+                self._device_ready.set()
+            log.info("device %s recreated and configured", name)
 
 
 # -- server -----------------------------------------------------------------------------------
@@ -253,58 +255,45 @@ def tune_socket(sock) -> None:
 async def serve(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Accept clients forever on ``config.port``; a new authenticated session replaces the
     current one. ``task_status.started(tunnel)`` once listening."""
-    try:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-    except OSError as e:
-        raise SimpletunError(
-            f"cannot listen on TCP port {config.port}: {e.strerror or e}"
-        ) from None
-    port = listeners[0].socket.getsockname()[1]
-    tunnel = Tunnel(config, device, port=port)
-    log.info(
-        "server on %s, listening on TCP port %d (%s)",
-        device.name,
-        port,
-        f"ESP {config.cipher}" if config.esp else "plaintext",
-    )
+    async with tcp.listen(config.port, config.host) as listeners:
+        port = listeners[0].socket.getsockname()[1]
+        tunnel = Tunnel(config, device, port=port)
+        log.info(
+            "server on %s, listening on TCP port %d (%s)",
+            device.name,
+            port,
+            f"ESP {config.cipher}" if config.esp else "plaintext",
+        )
+        admission = tcp.Admission()
 
-    pending = trio.CapacityLimiter(MAX_PENDING_HANDSHAKES)
+        async def handle(stream: trio.SocketStream) -> None:
+            await _serve_one(tunnel, admission, stream)
 
-    async def handle(stream: trio.SocketStream) -> None:
-        try:
-            pending.acquire_on_behalf_of_nowait(stream)
-        except trio.WouldBlock:
-            log.warning("too many connections in handshake; dropping a new one")
-            stream.socket.close()
-            return
-        await _serve_one(tunnel, stream, lambda: pending.release_on_behalf_of(stream))
-
-    try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, handle, nursery)
+                nursery.start_soon(tcp.accept_loop, listener, handle, nursery)
             task_status.started(tunnel)
-    finally:
-        for listener in listeners:
-            listener.socket.close()
 
 
-async def _accept_loop(listener: trio.SocketListener, handle, nursery: trio.Nursery) -> None:
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as e:  # e.g. EMFILE: wait and retry rather than die
-            log.error("accept failed: %s", e)
-            await trio.sleep(0.1)
-            continue
-        nursery.start_soon(handle, stream)
-
-
-async def _serve_one(tunnel: Tunnel, stream: trio.SocketStream, handshake_done) -> None:
+async def _serve_one(tunnel: Tunnel, admission: tcp.Admission, stream: trio.SocketStream) -> None:
     try:
-        result = await _server_handshake(tunnel.config, stream)
-    finally:
-        handshake_done()
+        peer = format_peer(stream.socket.getpeername())
+        tune_socket(stream.socket)
+    except OSError as e:  # the client already left
+        log.debug("dropping a connection that closed at once: %s", e)
+        stream.socket.close()
+        return
+    result = None
+    scope = trio.CancelScope()
+    with scope:
+        with admission.admit(_host_of(peer), scope) as pending:
+            result = await _server_handshake(tunnel, stream, peer, pending.progressed)
+    tunnel.evicted = admission.evicted
+    if scope.cancelled_caught:
+        log.debug("dropped %s: unauthenticated, and its slot was needed", peer)
+        tunnel.handshake_failures += 1
+        stream.socket.close()
+        return
     if result is None:
         return
     try:
@@ -319,23 +308,28 @@ class _Accepted:
     sas: HandshakeResult | None
 
 
-async def _server_handshake(config: Config, stream: trio.SocketStream) -> "_Accepted | None":
+def _host_of(peer: str) -> str:
+    return peer.rsplit(":", 1)[0]
+
+
+async def _server_handshake(
+    tunnel: Tunnel, stream: trio.SocketStream, peer: str, on_hello=None
+) -> _Accepted | None:
     """Handshake with a new client; None (connection closed, reason logged) on failure."""
-    try:
-        peer = format_peer(stream.socket.getpeername())
-        tune_socket(stream.socket)
-    except OSError as e:  # the client already left
-        log.debug("dropping a connection that closed at once: %s", e)
-        stream.socket.close()
-        return None
+    config = tunnel.config
     log.debug("accepted connection from %s", peer)
     result = None
     if config.esp:
         try:
             result = await handshake.server_handshake(
-                stream, config.key, config.cipher, timeout=config.handshake_timeout
+                stream,
+                config.key,
+                config.cipher,
+                timeout=config.handshake_timeout,
+                on_hello=on_hello,
             )
         except HandshakeError as e:
+            tunnel.handshake_failures += 1
             log.error("handshake with %s failed: %s", peer, e)
             stream.socket.close()
             return None
@@ -354,8 +348,10 @@ async def _server_handshake(config: Config, stream: trio.SocketStream) -> "_Acce
 async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Connect to the server and keep reconnecting (capped exponential backoff) forever.
 
-    ``task_status.started(tunnel)`` at once. Raises HandshakeError when the server rejects
-    our configuration (wrong key, cipher or protocol version): retrying cannot help then.
+    ``task_status.started(tunnel)`` at once. Nothing from the network ends this loop: a
+    rejected handshake (wrong key, cipher or version — or a forged message claiming so) is
+    logged and retried with backoff, since an unauthenticated message must not be able to end
+    the tunnel.
     """
     tunnel = Tunnel(config, device)
     target = format_peer((config.host, config.port))
@@ -372,23 +368,16 @@ async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORE
         if delay:
             log.debug("reconnecting to %s in %.1f s", target, delay)
             await trio.sleep(delay)
+        await tunnel.wait_device_ready()
         log.debug("connecting to %s", target)
         try:
-            with trio.fail_after(config.connect_timeout):
-                stream = await trio.open_tcp_stream(config.host, config.port)
+            stream, peer = await tcp.open_connection(
+                config.host, config.port, config.connect_timeout
+            )
         except (OSError, trio.TooSlowError) as e:
             failures += 1
-            why = _connect_error(e)
             level = logging.WARNING if failures == 1 else logging.DEBUG
-            log.log(level, "cannot connect to %s: %s; retrying", target, why)
-            continue
-        try:
-            peer = format_peer(stream.socket.getpeername())
-            tune_socket(stream.socket)
-        except OSError as e:
-            stream.socket.close()
-            failures += 1
-            log.debug("connection to %s lost at once: %s", target, e)
+            log.log(level, "cannot connect to %s: %s; retrying", target, tcp.connect_error(e))
             continue
         log.debug("connected to %s", peer)
         result = None
@@ -399,10 +388,12 @@ async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORE
                 )
             except HandshakeError as e:
                 stream.socket.close()
-                if getattr(e, "code", None) in handshake.FATAL_CODES:
-                    raise
                 failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
+                tunnel.handshake_failures += 1
+                # A configuration mismatch is worth an error (the operator must act); it is
+                # still retried, as the message saying so is not authenticated.
+                fatal_looking = getattr(e, "code", None) in handshake.FATAL_CODES
+                level = logging.ERROR if fatal_looking else logging.WARNING
                 log.log(level, "handshake with %s failed: %s; retrying", peer, e)
                 continue
             except BaseException:
@@ -415,31 +406,50 @@ async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORE
                 result.rx.spi,
             )
         sess = await tunnel.run_session(stream, peer, result)
-        # Reset the backoff after a successful session, but do not spin if sessions keep
-        # ending at once (e.g. two clients with the same key replacing each other).
-        failures = 0 if sess.duration >= 1.0 else 1
+        # Reset the backoff after a session that lasted, but back off further when sessions
+        # keep ending at once (e.g. two clients with the same key replacing each other).
+        failures = 0 if sess.duration >= 1.0 else failures + 1
 
 
 # -- both, with the real device ---------------------------------------------------------------
 
 
 async def run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Open and configure the device, run the server or client until cancelled, then release
-    the device (a device we created disappears)."""
+    """Open and configure the device, run the server or client until cancelled while keeping
+    the device in place, then release it (a device we created disappears)."""
     device = await trio.to_thread.run_sync(
         lambda: netdev.open_device(
-            config.ifname, tap=config.tap, mtu=config.mtu, addresses=config.addresses
+            config.ifname,
+            tap=config.tap,
+            mtu=config.mtu,
+            addresses=config.addresses,
+            routes=config.routes,
         )
     )
+    tunnel = None
     try:
-        if config.server:
-            await serve(config, device, task_status=task_status)
-        else:
-            await connect(config, device, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            loop = serve if config.server else connect
+            tunnel = await nursery.start(loop, config, device)
+            nursery.start_soon(tunnel.watch_device)
+            task_status.started(tunnel)
     finally:
         # The pumps are stopped by now (the loops' finally blocks ran); the fd can go.
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(netdev.close_device, device)
+            current = tunnel.device if tunnel is not None else device
+            await trio.to_thread.run_sync(netdev.close_device, current)
 
 
-__all__ = ["DEFAULT_PORT", "Config", "Session", "Tunnel", "connect", "run", "serve"]
+__all__ = [
+    "DEFAULT_MTU",
+    "DEFAULT_PORT",
+    "MAX_MTU",
+    "MIN_MTU",
+    "TAP_OVERHEAD",
+    "Config",
+    "Session",
+    "Tunnel",
+    "connect",
+    "run",
+    "serve",
+]

@@ -1,0 +1,175 @@
+"""What a tunnel end is asked to do (:class:`Config`) and the one place its values are checked.
+
+The command line (``simpletun.cli``) and the Python API both build a :class:`Config`; every
+check lives here, as a ``check_*`` function raising :class:`ConfigError` with the one line a user
+sees (the CLI turns it into exit status 2).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from simpletun import handshake
+from simpletun._errors import ConfigError
+from simpletun.handshake import DEFAULT_CIPHER
+
+DEFAULT_PORT = 55555
+DEFAULT_MTU = 1500
+MIN_MTU = 68
+MAX_MTU = 65000
+# Ethernet header plus one VLAN tag: what a TAP frame adds to the MTU.
+TAP_OVERHEAD = 18
+MAX_IFNAME = 15  # IFNAMSIZ - 1
+
+Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def check_ifname(text: str) -> str:
+    if not text:
+        raise ConfigError("the interface name is empty (e.g. -i tun0)")
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"interface name {text!r} is not valid text (use e.g. -i tun0)") from None
+    if len(raw) > MAX_IFNAME:
+        raise ConfigError(f"interface name {text!r} is too long (at most {MAX_IFNAME} bytes)")
+    if text in (".", "..") or any(c in text for c in "/: \t\n\0"):
+        raise ConfigError(f"invalid interface name {text!r} (no '/', ':' or spaces)")
+    return text
+
+
+def check_host(text: str) -> str:
+    """An IP address (IPv6 optionally in brackets) or a DNS name; returns it without brackets.
+
+    Names are checked as DNS would see them (labels of 1-63 characters, at most 253 in all,
+    IDNA-encodable), so a bad one is refused here rather than failing on every reconnect.
+    """
+    fix = "give an IP address such as 192.0.2.1 or fd00::1, or a host name such as vpn.example.com"
+    host = text.strip()
+    if not host:
+        raise ConfigError(f"the server address is empty ({fix})")
+    if host.startswith("[") and host.endswith("]"):
+        inner = host[1:-1]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ConfigError(f"{text!r}: brackets are only for IPv6 addresses ({fix})") from None
+        return inner
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    shown = text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    bad = ConfigError(
+        f"{shown!r} is not a valid host name: each dot-separated label needs 1-63 "
+        f"characters and the name at most 253 ({fix})"
+    )
+    try:
+        encoded = host.rstrip(".").encode("idna") if host != "." else b""
+    except UnicodeError:
+        raise bad from None
+    labels = encoded.split(b".") if encoded else [b""]
+    if len(encoded) > 253 or any(not 1 <= len(lb) <= 63 for lb in labels):
+        raise bad
+    return host
+
+
+def check_port(value: int, *, server: bool = False) -> int:
+    if not (0 if server else 1) <= value <= 65535:
+        allowed = "0-65535 (0: any free port)" if server else "1-65535"
+        raise ConfigError(f"port must be {allowed}, got {value}")
+    return value
+
+
+def check_mtu(value: int) -> int:
+    if not MIN_MTU <= value <= MAX_MTU:
+        raise ConfigError(f"MTU must be {MIN_MTU}-{MAX_MTU}, got {value}")
+    return value
+
+
+def check_cipher(name: str) -> str:
+    try:
+        handshake.cipher_id(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return name
+
+
+def check_address(text: str) -> Address:
+    example = "like 10.0.0.1/24 or fd00::1/64"
+    if "/" not in text:
+        raise ConfigError(f"expected an address with a prefix length ({example}), got {text!r}")
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        raise ConfigError(f"not an address with a prefix length ({example}): {text!r}") from None
+
+
+def check_route(text: str) -> Network:
+    example = "like 10.1.0.0/16, 0.0.0.0/0 or fd00:1::/64"
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        if "has host bits set" in str(e):
+            net = ipaddress.ip_network(text, strict=False)
+            raise ConfigError(f"route {text!r} has host bits set; did you mean {net}?") from None
+        raise ConfigError(f"not a network prefix ({example}): {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a tunnel end is asked to do. ``key=None`` means plaintext (simpletun.c) mode."""
+
+    server: bool
+    ifname: str = "tun0"
+    host: str | None = None  # client: the server to connect to; server: bind address or all
+    port: int = DEFAULT_PORT
+    tap: bool = False
+    key: bytes | None = field(default=None, repr=False)
+    cipher: str = DEFAULT_CIPHER
+    mtu: int = DEFAULT_MTU
+    addresses: tuple[Address, ...] = ()
+    routes: tuple[Network, ...] = ()
+    handshake_timeout: float = handshake.DEFAULT_TIMEOUT
+    connect_timeout: float = 5.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 2.0
+    # How often the device is checked (deleted, renamed, downed) besides when a pump fails.
+    device_check_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_ifname(self.ifname)
+        if not self.server and not self.host:
+            raise ConfigError("a client needs the server's address (host)")
+        if self.host is not None:
+            object.__setattr__(self, "host", check_host(self.host))
+        check_port(self.port, server=self.server)
+        check_mtu(self.mtu)
+        if self.key is not None:
+            if len(self.key) != 32:
+                raise ConfigError("the key must be 32 bytes")
+            check_cipher(self.cipher)
+
+    @property
+    def esp(self) -> bool:
+        return self.key is not None
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame payload the pump accepts from the peer."""
+        if not self.esp:
+            return self.mtu + TAP_OVERHEAD
+        from simpletun._core import esp_encap_len
+
+        return esp_encap_len(self.mtu + TAP_OVERHEAD if self.tap else self.mtu)
+
+    def backoff(self, failures: int) -> float:
+        """Delay before reconnect attempt number ``failures`` + 1 (0 → at once)."""
+        if failures <= 0:
+            return 0.0
+        return min(self.backoff_initial * 2 ** min(failures - 1, 32), self.backoff_max)
