@@ -16,6 +16,8 @@ cd "$(dirname "$0")/.."
 
 CARGO_FUZZ_VERSION=0.13.2
 FUZZ_SECONDS=${FUZZ_SECONDS:-25}
+# FUZZ_RUNS=N runs each target for N executions instead (long runs outside CI, e.g. 10000000).
+FUZZ_RUNS=${FUZZ_RUNS:-}
 FUZZ_DIR=rust/fuzz
 export RUSTC_BOOTSTRAP=1
 
@@ -55,15 +57,22 @@ summary=()
 for t in "${targets[@]}"; do
     mkdir -p "$FUZZ_DIR/corpus/$t"
     log="$logdir/$t.log"
-    echo "fuzz-smoke: $t for ${FUZZ_SECONDS}s"
+    if [ -n "$FUZZ_RUNS" ]; then
+        limit=(-runs="$FUZZ_RUNS")
+        echo "fuzz-smoke: $t for $FUZZ_RUNS runs"
+    else
+        limit=(-max_total_time="$FUZZ_SECONDS")
+        echo "fuzz-smoke: $t for ${FUZZ_SECONDS}s"
+    fi
     rc=0
+    started=$SECONDS
     cargo fuzz run --fuzz-dir "$FUZZ_DIR" "$t" -- \
-        -max_total_time="$FUZZ_SECONDS" -timeout=10 -print_final_stats=1 >"$log" 2>&1 || rc=$?
+        "${limit[@]}" -timeout=10 -print_final_stats=1 >"$log" 2>&1 || rc=$?
     runs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\).*/\1/p' "$log" | tail -n1)
     cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -n1 | cut -d' ' -f2 || true)
     corpus=$(find "$FUZZ_DIR/corpus/$t" -type f | wc -l)
     if [ "$rc" -eq 0 ]; then
-        summary+=("$(printf '%-20s ok     %10s runs  cov %-5s corpus %s' "$t" "${runs:-?}" "${cov:-?}" "$corpus")")
+        summary+=("$(printf '%-20s ok     %10s runs  cov %-5s corpus %s  %ss' "$t" "${runs:-?}" "${cov:-?}" "$corpus" "$((SECONDS - started))")")
     else
         summary+=("$(printf '%-20s FAILED %10s runs  (exit %s)' "$t" "${runs:-?}" "$rc")")
         failed+=("$t")

@@ -88,6 +88,8 @@ class TunnelPair:
         client_port: int | None = None,
         client_host: str = VETH_A_ADDR,
         mtu: int | None = None,
+        server_args: tuple[str, ...] = (),
+        client_args: tuple[str, ...] = (),
     ):
         self.lab = lab
         self.tap = tap
@@ -99,6 +101,8 @@ class TunnelPair:
         self.client_port = client_port or port
         self.client_host = client_host
         self.mtu = mtu
+        self.server_args = tuple(server_args)
+        self.client_args = tuple(client_args)
         self.server: Proc | None = None
         self.client: Proc | None = None
 
@@ -116,14 +120,14 @@ class TunnelPair:
 
     def start_server(self) -> Proc:
         argv = [simpletun_cmd(), *self._common(self.key_a), "-s", "-p", str(self.port)]
-        argv += ["--addr", f"{TUN_A_ADDR}/24"]
+        argv += ["--addr", f"{TUN_A_ADDR}/24", *self.server_args]
         self.server = self.lab.spawn(self.lab.ns_a, argv, name="server")
         self.server.wait_for_output(r"listening on TCP port", timeout=15)
         return self.server
 
     def start_client(self) -> Proc:
         argv = [simpletun_cmd(), *self._common(self.key_b), "-c", self.client_host]
-        argv += ["-p", str(self.client_port), "--addr", f"{TUN_B_ADDR}/24"]
+        argv += ["-p", str(self.client_port), "--addr", f"{TUN_B_ADDR}/24", *self.client_args]
         self.client = self.lab.spawn(self.lab.ns_b, argv, name="client")
         return self.client
 
