@@ -50,6 +50,8 @@ log = logging.getLogger("simpletun.session")
 # Two sessions from different addresses replacing each other within this many seconds means two
 # clients share one key (they knock each other off): say so.
 FLAP_WINDOW = 10.0
+# A client session that lasted this long resets the reconnect backoff.
+STABLE_SESSION = 10.0
 
 
 class Session:
@@ -407,8 +409,8 @@ async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORE
             )
         sess = await tunnel.run_session(stream, peer, result)
         # Reset the backoff after a session that lasted, but back off further when sessions
-        # keep ending at once (e.g. two clients with the same key replacing each other).
-        failures = 0 if sess.duration >= 1.0 else failures + 1
+        # keep ending soon (e.g. two clients with the same key replacing each other).
+        failures = 0 if sess.duration >= STABLE_SESSION else failures + 1
 
 
 # -- both, with the real device ---------------------------------------------------------------

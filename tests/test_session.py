@@ -439,3 +439,33 @@ async def test_listen_failure_is_a_clear_error(devices):
             await session.serve(
                 Config(server=True, ifname="x", host="127.0.0.1", port=port), ds.device
             )
+
+
+@trio_test
+async def test_two_clients_with_one_key_are_named_and_back_off(devices, caplog):
+    """Two clients sharing a key knock each other off; the server says why, and the clients'
+    backoff grows instead of flapping ~10 times a second."""
+    ds, d1, d2 = devices("srv"), devices("c1"), devices("c2")
+    caplog.set_level(logging.INFO, logger="simpletun")
+    async with trio.open_nursery() as n:
+        server = await n.start(session.serve, server_config(key=KEY), ds.device)
+        real = {
+            "backoff_initial": 0.1,
+            "backoff_max": 2.0,
+        }  # the defaults, not the tests' fast ones
+        c1 = await n.start(session.connect, client_config(server.port, key=KEY, **real), d1.device)
+        c2 = await n.start(session.connect, client_config(server.port, key=KEY, **real), d2.device)
+        await wait_for(lambda: server.flaps >= 2, what="two flaps", timeout=10)
+        warnings = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "two clients are probably using" in r.getMessage()
+        ]
+        assert warnings, "the server did not say why sessions keep replacing each other"
+        await trio.sleep(2.0)  # the backoff reaches its cap
+        started = server.sessions
+        await trio.sleep(4.0)
+        # before: ~9 replacements a second; now each client waits the capped 2 s
+        assert server.sessions - started <= 6, "clients keep flapping without backing off"
+        assert c1.sessions + c2.sessions >= 3
+        n.cancel_scope.cancel()
