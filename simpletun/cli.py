@@ -14,7 +14,7 @@ import sys
 
 import trio
 
-from simpletun import keys
+from simpletun import keys, systemd
 from simpletun._errors import ConfigError, SimpletunError
 from simpletun.config import (
     DEFAULT_MTU,
@@ -40,6 +40,7 @@ Usage:
   {PROG} -i IFNAME -s [-p PORT] [-u|-a] [-d] [options]
   {PROG} -i IFNAME -c HOST [-p PORT] [-u|-a] [-d] [options]
   {PROG} genkey > KEYFILE
+  {PROG} install-service [--unit-dir DIR]
   {PROG} -h
 
   -i IFNAME        tunnel device to use, created if missing (required)
@@ -60,6 +61,7 @@ Usage:
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
   genkey           write a new random key to stdout; with '> FILE' the file is made mode 0600
+  install-service  write the systemd unit simpletun@.service (see install-service -h)
 """
 
 GENKEY_USAGE = f"""\
@@ -203,7 +205,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
 
 
 def _error(message: str, status: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{systemd.journal_prefix(3)}{PROG}: error: {message}", file=sys.stderr)
     return status
 
 
@@ -219,13 +221,15 @@ def genkey(argv: list[str]) -> int:
     except OSError as e:
         return _error(f"cannot write the key: {e.strerror or e}", 1)
     if warning:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        print(f"{systemd.journal_prefix(4)}{PROG}: warning: {warning}", file=sys.stderr)
     return 0
 
 
 def _setup_logging(debug: bool) -> RateLimitFilter:
     handler = logging.StreamHandler(sys.stderr)
-    if debug and not os.environ.get("JOURNAL_STREAM"):  # journald adds its own timestamps
+    if systemd.stderr_is_journal():  # <N> priority prefixes, no timestamps (journald adds them)
+        fmt = systemd.JournalFormatter(PROG + ": %(message)s")
+    elif debug and not os.environ.get("JOURNAL_STREAM"):
         fmt = logging.Formatter(
             "%(asctime)s.%(msecs)03d " + PROG + ": %(message)s", datefmt="%H:%M:%S"
         )
@@ -324,7 +328,7 @@ async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
                 state["tunnel"] = await inner.start(session.run, config)
         except* (SimpletunError, OSError) as group:
             for e in group.exceptions:
-                print(f"{PROG}: error: {e}", file=sys.stderr)
+                _error(str(e), 1)
             outcome["status"] = 1
         finally:
             nursery.cancel_scope.cancel()
@@ -358,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "genkey":
         return genkey(argv[1:])
+    if argv and argv[0] == "install-service":
+        from simpletun import service
+
+        return service.main(argv[1:])
     try:
         parsed = parse_args(argv)
     except (UsageError, ConfigError) as e:
