@@ -274,6 +274,7 @@ def _signal_name(signum: int) -> str:
 def _report(tunnel) -> None:
     """SIGUSR1: log the live counters of the current session without disturbing it."""
     log = logging.getLogger("simpletun")
+    tunnel = getattr(tunnel, "tunnel", tunnel)  # a Service holds its Tunnel
     sess = tunnel.session if tunnel is not None else None
     if sess is None:
         log.info("no session; %d session(s) so far", tunnel.sessions if tunnel else 0)
@@ -281,14 +282,14 @@ def _report(tunnel) -> None:
         log.info("%s (up %.1f s, %s)", sess.counters_line(), sess.duration, sess.describe())
 
 
-async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
-    """Run until a signal (→ 0, or 128+N) or a fatal local error (→ 1)."""
-    from simpletun import session
-
+async def _run(start, limiter: RateLimitFilter | None = None, reload=None) -> int:
+    """Run ``start`` (a trio task that calls ``task_status.started(tunnel_or_service)``) until a
+    signal (→ 0, or 128+N) or a fatal local error (→ 1). SIGHUP calls ``reload`` when given,
+    otherwise stops cleanly."""
     log = logging.getLogger("simpletun")
     outcome: dict[str, int] = {"status": 0}
 
-    state: dict[str, session.Tunnel] = {}
+    state: dict[str, object] = {}
 
     async def watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
         wanted = (signal.SIGUSR1, *CLEAN_EXIT_SIGNALS, *OTHER_FATAL_SIGNALS)
@@ -299,6 +300,10 @@ async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
                     _report(state.get("tunnel"))
                     continue
                 name = _signal_name(signum)
+                if signum == signal.SIGHUP and reload is not None:
+                    log.info("got SIGHUP, reloading")
+                    nursery.start_soon(reload)
+                    continue
                 if signum in CLEAN_EXIT_SIGNALS:
                     how = "shutting down" if signum != signal.SIGHUP else "stopping (no reload yet)"
                     log.log(
@@ -321,9 +326,9 @@ async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
     async def tunnel() -> None:
         try:
             async with trio.open_nursery() as inner:
-                state["tunnel"] = await inner.start(session.run, config)
+                state["tunnel"] = await inner.start(start)
         except* (SimpletunError, OSError) as group:
-            for e in group.exceptions:
+            for e in _leaves(group):
                 print(f"{PROG}: error: {e}", file=sys.stderr)
             outcome["status"] = 1
         finally:
@@ -336,6 +341,16 @@ async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
     if limiter is not None:
         limiter.flush()
     return outcome["status"]
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, once each, in order."""
+    if isinstance(e, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in e.exceptions:
+            out += [x for x in _leaves(sub) if str(x) not in {str(o) for o in out}]
+        return out
+    return [e]
 
 
 def _internal_error(e: BaseException) -> int:
@@ -358,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "genkey":
         return genkey(argv[1:])
+    if argv and argv[0] in ("up", "down", "reload", "status"):
+        from simpletun import commands
+
+        try:
+            return commands.main(argv)
+        except Exception as e:
+            return _internal_error(e)
     try:
         parsed = parse_args(argv)
     except (UsageError, ConfigError) as e:
@@ -369,8 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config, debug = parsed
     limiter = _setup_logging(debug)
+    from functools import partial
+
+    from simpletun import session
+
     try:
-        return trio.run(_run, config, limiter)
+        return trio.run(_run, partial(session.run, config), limiter)
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 0
     except Exception as e:
