@@ -40,6 +40,7 @@ Usage:
   {PROG} -i IFNAME -s [-p PORT] [-u|-a] [-d] [options]
   {PROG} -i IFNAME -c HOST [-p PORT] [-u|-a] [-d] [options]
   {PROG} genkey > KEYFILE
+  {PROG} up CONFIG|NAME [--foreground] | down NAME | reload NAME | status [NAME] [--json]
   {PROG} -h
 
   -i IFNAME        tunnel device to use, created if missing (required)
@@ -56,6 +57,7 @@ Usage:
   --cipher NAME    aes-128-cbc (default), aes-192-cbc or aes-256-cbc; both ends must agree
   --addr CIDR      address the device, e.g. 10.0.0.1/24 (may be repeated)
   --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU})
+  --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
   --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
@@ -110,6 +112,7 @@ _METAVARS = {
     "--addr": "CIDR",
     "--mtu": "N",
     "--route": "CIDR",
+    "--listen": "ADDR",
 }
 
 
@@ -160,6 +163,7 @@ def _parser() -> _Parser:
     p.add_argument("--addr", dest="addrs", type=_cidr, action="append", default=[])
     p.add_argument("--mtu", type=_mtu, default=DEFAULT_MTU)
     p.add_argument("--route", dest="routes", type=_route, action="append", default=[])
+    p.add_argument("--listen", dest="listen", type=_host)
     return p
 
 
@@ -175,6 +179,8 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         raise UsageError("-s and -c are mutually exclusive: run as server (-s) or client (-c HOST)")
     if not ns.server and ns.host is None:
         raise UsageError("choose a mode: -s (server) or -c HOST (client)")
+    if ns.listen is not None and not ns.server:
+        raise UsageError("--listen is for a server (-s): the address to accept clients on")
     if ns.tun and ns.tap:
         raise UsageError("-u (TUN) and -a (TAP) are mutually exclusive; pick one")
     if ns.ifname is None:
@@ -191,7 +197,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
     return Config(
         server=ns.server,
         ifname=ns.ifname,
-        host=ns.host,
+        host=ns.host if ns.host is not None else ns.listen,
         port=ns.port,
         tap=ns.tap,
         key=key,
