@@ -40,6 +40,7 @@ Usage:
   {PROG} -i IFNAME -s [-p PORT] [-u|-a] [-d] [options]
   {PROG} -i IFNAME -c HOST [-p PORT] [-u|-a] [-d] [options]
   {PROG} genkey > KEYFILE
+  {PROG} up CONFIG|NAME [--foreground] | down NAME | reload NAME | status [NAME] [--json]
   {PROG} install-service [--unit-dir DIR]
   {PROG} -h
 
@@ -57,6 +58,7 @@ Usage:
   --cipher NAME    aes-128-cbc (default), aes-192-cbc or aes-256-cbc; both ends must agree
   --addr CIDR      address the device, e.g. 10.0.0.1/24 (may be repeated)
   --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU})
+  --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
   --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
@@ -112,6 +114,7 @@ _METAVARS = {
     "--addr": "CIDR",
     "--mtu": "N",
     "--route": "CIDR",
+    "--listen": "ADDR",
 }
 
 
@@ -162,6 +165,7 @@ def _parser() -> _Parser:
     p.add_argument("--addr", dest="addrs", type=_cidr, action="append", default=[])
     p.add_argument("--mtu", type=_mtu, default=DEFAULT_MTU)
     p.add_argument("--route", dest="routes", type=_route, action="append", default=[])
+    p.add_argument("--listen", dest="listen", type=_host)
     return p
 
 
@@ -177,6 +181,8 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         raise UsageError("-s and -c are mutually exclusive: run as server (-s) or client (-c HOST)")
     if not ns.server and ns.host is None:
         raise UsageError("choose a mode: -s (server) or -c HOST (client)")
+    if ns.listen is not None and not ns.server:
+        raise UsageError("--listen is for a server (-s): the address to accept clients on")
     if ns.tun and ns.tap:
         raise UsageError("-u (TUN) and -a (TAP) are mutually exclusive; pick one")
     if ns.ifname is None:
@@ -193,7 +199,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
     return Config(
         server=ns.server,
         ifname=ns.ifname,
-        host=ns.host,
+        host=ns.host if ns.host is not None else ns.listen,
         port=ns.port,
         tap=ns.tap,
         key=key,
@@ -205,7 +211,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
 
 
 def _error(message: str, status: int) -> int:
-    print(f"{systemd.journal_prefix(3)}{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     return status
 
 
@@ -221,7 +227,7 @@ def genkey(argv: list[str]) -> int:
     except OSError as e:
         return _error(f"cannot write the key: {e.strerror or e}", 1)
     if warning:
-        print(f"{systemd.journal_prefix(4)}{PROG}: warning: {warning}", file=sys.stderr)
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -278,6 +284,7 @@ def _signal_name(signum: int) -> str:
 def _report(tunnel) -> None:
     """SIGUSR1: log the live counters of the current session without disturbing it."""
     log = logging.getLogger("simpletun")
+    tunnel = getattr(tunnel, "tunnel", tunnel)  # a Service holds its Tunnel
     sess = tunnel.session if tunnel is not None else None
     if sess is None:
         log.info("no session; %d session(s) so far", tunnel.sessions if tunnel else 0)
@@ -285,14 +292,14 @@ def _report(tunnel) -> None:
         log.info("%s (up %.1f s, %s)", sess.counters_line(), sess.duration, sess.describe())
 
 
-async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
-    """Run until a signal (→ 0, or 128+N) or a fatal local error (→ 1)."""
-    from simpletun import session
-
+async def _run(start, limiter: RateLimitFilter | None = None, reload=None) -> int:
+    """Run ``start`` (a trio task that calls ``task_status.started(tunnel_or_service)``) until a
+    signal (→ 0, or 128+N) or a fatal local error (→ 1). SIGHUP calls ``reload`` when given,
+    otherwise stops cleanly."""
     log = logging.getLogger("simpletun")
     outcome: dict[str, int] = {"status": 0}
 
-    state: dict[str, session.Tunnel] = {}
+    state: dict[str, object] = {}
 
     async def watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
         wanted = (signal.SIGUSR1, *CLEAN_EXIT_SIGNALS, *OTHER_FATAL_SIGNALS)
@@ -303,6 +310,10 @@ async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
                     _report(state.get("tunnel"))
                     continue
                 name = _signal_name(signum)
+                if signum == signal.SIGHUP and reload is not None:
+                    log.info("got SIGHUP, reloading")
+                    nursery.start_soon(reload)
+                    continue
                 if signum in CLEAN_EXIT_SIGNALS:
                     how = "shutting down" if signum != signal.SIGHUP else "stopping (no reload yet)"
                     log.log(
@@ -325,10 +336,10 @@ async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
     async def tunnel() -> None:
         try:
             async with trio.open_nursery() as inner:
-                state["tunnel"] = await inner.start(session.run, config)
+                state["tunnel"] = await inner.start(start)
         except* (SimpletunError, OSError) as group:
-            for e in group.exceptions:
-                _error(str(e), 1)
+            for e in _leaves(group):
+                print(f"{PROG}: error: {e}", file=sys.stderr)
             outcome["status"] = 1
         finally:
             nursery.cancel_scope.cancel()
@@ -340,6 +351,16 @@ async def _run(config: Config, limiter: RateLimitFilter | None = None) -> int:
     if limiter is not None:
         limiter.flush()
     return outcome["status"]
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, once each, in order."""
+    if isinstance(e, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in e.exceptions:
+            out += [x for x in _leaves(sub) if str(x) not in {str(o) for o in out}]
+        return out
+    return [e]
 
 
 def _internal_error(e: BaseException) -> int:
@@ -360,12 +381,20 @@ def _internal_error(e: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    systemd.prefix_stderr_for_journal()  # under systemd: "simpletun: error: ..." at err priority
     if argv and argv[0] == "genkey":
         return genkey(argv[1:])
     if argv and argv[0] == "install-service":
-        from simpletun import service
+        from simpletun import unit
 
-        return service.main(argv[1:])
+        return unit.main(argv[1:])
+    if argv and argv[0] in ("up", "down", "reload", "status"):
+        from simpletun import commands
+
+        try:
+            return commands.main(argv)
+        except Exception as e:
+            return _internal_error(e)
     try:
         parsed = parse_args(argv)
     except (UsageError, ConfigError) as e:
@@ -377,8 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config, debug = parsed
     limiter = _setup_logging(debug)
+    from functools import partial
+
+    from simpletun import session
+
     try:
-        return trio.run(_run, config, limiter)
+        return trio.run(_run, partial(session.run, config), limiter)
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 0
     except Exception as e:

@@ -135,6 +135,7 @@ class Config:
     mtu: int = DEFAULT_MTU
     addresses: tuple[Address, ...] = ()
     routes: tuple[Network, ...] = ()
+    keepalive: int | None = None  # seconds of idleness before TCP keepalive probes (default 10)
     handshake_timeout: float = handshake.DEFAULT_TIMEOUT
     connect_timeout: float = 5.0
     backoff_initial: float = 0.1

@@ -39,8 +39,9 @@ class Device:
     ifindex: int = 0
     mtu: int = 1500
     addresses: tuple[Address, ...] = ()
-    routes: tuple[Network, ...] = ()
+    routes: tuple[Network, ...] = ()  # as installed: a default route is split in two halves
     routes_added: list[Network] = field(default_factory=list)
+    pinned: list[dict] = field(default_factory=list)  # host routes to the peer, kept outside
 
     def __str__(self) -> str:
         return self.name
@@ -141,6 +142,79 @@ def configure(
     return Configured(ifindex=index, addresses=added, routes=routed)
 
 
+def expand_routes(routes) -> tuple[Network, ...]:
+    """A default route (``0.0.0.0/0``, ``::/0``) becomes its two halves (``0.0.0.0/1`` +
+    ``128.0.0.0/1``), as OpenVPN's def1 does: more specific than the existing default route, so
+    it wins without replacing it, and the original default is still there for the tunnel's own
+    connection (see :func:`pin_host_route`) and comes back untouched on exit."""
+    out: list[Network] = []
+    for net in routes:
+        if net.prefixlen == 0:
+            out += list(net.subnets(prefixlen_diff=1))
+        else:
+            out.append(net)
+    return tuple(dict.fromkeys(out))
+
+
+def pin_host_route(address: str) -> dict | None:
+    """Route ``address`` (the peer's outer address) the way it goes now, as a host route, so that
+    routes through the tunnel added afterwards cannot capture the tunnel's own traffic. Returns
+    what to remove at exit (None when the current path is already a host route, or local)."""
+    import ipaddress as ip
+
+    from pyroute2 import IPRoute, NetlinkError
+
+    addr = ip.ip_address(address)
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    plen = addr.max_prefixlen
+    with IPRoute() as ipr:
+        try:
+            got = ipr.route("get", dst=str(addr), family=family)
+        except NetlinkError as e:
+            raise DeviceError(f"no route to the peer {addr}: {_netlink_error(e)}") from None
+        if not got:
+            return None
+        r = got[0]
+        if r.get_attr("RTA_TYPE") == 2 or r["type"] == 2:  # RTN_LOCAL
+            return None
+        spec = {"dst": str(addr), "dst_len": plen, "family": family, "oif": r.get_attr("RTA_OIF")}
+        gw = r.get_attr("RTA_GATEWAY")
+        if gw:
+            spec["gateway"] = gw
+        try:
+            ipr.route("add", **spec)
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:
+                return None
+            raise DeviceError(
+                f"cannot pin the route to the peer {addr}: {_netlink_error(e)}"
+            ) from None
+    return spec
+
+
+def unpin(spec: dict) -> None:
+    from pyroute2 import IPRoute, NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            ipr.route("del", **spec)
+        except NetlinkError as e:
+            log.debug("could not remove the host route to %s: %s", spec["dst"], _netlink_error(e))
+
+
+def set_routes(dev: Device, routes) -> tuple[list[Network], list[Network]]:
+    """Make the routes through ``dev`` be ``routes`` (reload): add the new ones, remove those we
+    added that are no longer wanted. Returns (added, removed)."""
+    want = expand_routes(routes)
+    gone = [r for r in dev.routes_added if r not in want]
+    remove_routes(dev.name, dev.ifindex, gone)
+    dev.routes_added = [r for r in dev.routes_added if r in want]
+    done = configure(dev.name, mtu=dev.mtu, addresses=dev.addresses, routes=want)
+    dev.routes = want
+    dev.routes_added += [r for r in done.routes if r not in dev.routes_added]
+    return done.routes, gone
+
+
 def check_device(dev: Device) -> str:
     """DEVICE_OK, DEVICE_DOWN (up flag, an address or a route missing) or DEVICE_GONE."""
     from pyroute2 import IPRoute, NetlinkError
@@ -225,6 +299,7 @@ def open_device(
     """Open (creating if needed) and configure the device; DeviceError if either fails."""
     from simpletun._core import open_tun
 
+    routes = expand_routes(routes)
     try:
         fd, name, created = open_tun(ifname, tap)
     except DeviceError:
@@ -271,12 +346,19 @@ def reopen_device(dev: Device) -> Device:
         dev.name, tap=dev.tap, mtu=dev.mtu, addresses=dev.addresses, routes=dev.routes
     )
     new.created = new.created or dev.created
+    new.pinned = dev.pinned
     return new
 
 
 def close_device(dev: Device) -> None:
     """Release the device: a device this process created vanishes as its descriptor closes;
     on a pre-existing device the routes and addresses we added are removed."""
+    for spec in dev.pinned:
+        try:
+            unpin(spec)
+        except Exception as e:
+            log.debug("%s: clean-up failed: %s", dev.name, e)
+    dev.pinned = []
     if not dev.created:
         try:
             remove_routes(dev.name, dev.ifindex, dev.routes_added)

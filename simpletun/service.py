@@ -1,232 +1,147 @@
-"""``simpletun install-service``: the systemd template unit ``simpletun@.service``.
+"""A tunnel run from its config file (``simpletun up``): the tunnel, its control socket,
+post-up/pre-down commands, reload, and the service manager's notifications.
 
-``systemctl enable --now simpletun@wg0`` then runs ``simpletun up --foreground wg0``, the tunnel
-of ``/etc/simpletun/wg0.toml``, as a ``Type=notify`` service (READY=1 once the tunnel is up,
-``systemctl reload`` = SIGHUP = reload the config, restarted after a crash, not after a bad
-config, exit status 2).
-
-The unit's ``ExecStart`` is the absolute path of the ``simpletun`` command that ran
-``install-service`` (e.g. ``/opt/simpletun/.venv/bin/simpletun``): run it again after moving the
-installation. The service runs as root, but with only ``CAP_NET_ADMIN`` (devices, addresses,
-routes, XFRM) and ``CAP_NET_RAW`` (raw ESP sockets) in its bounding set, ``/dev/net/tun`` as its
-only device, a read-only file system except its runtime directory ``/run/simpletun`` (control
-sockets, mode 0700), no access to home directories (read-only when the installation itself lives
-under one), and the usual kernel, namespace and system call restrictions.
+Under systemd (``Type=notify``) ``READY=1`` is sent once the device, its addresses and routes and
+(server) the listener are up; ``STATUS=`` tells whether the peer is connected; ``RELOADING=1`` /
+``STOPPING=1`` frame a reload and the shutdown.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import sys
-import tempfile
-from pathlib import Path
+import logging
+import subprocess
+from dataclasses import replace
 
-PROG = "simpletun"
-UNIT_NAME = "simpletun@.service"
-DEFAULT_UNIT_DIR = "/etc/systemd/system"
-CONFIG_DIR = "/etc/simpletun"
-RUNTIME_DIR = "simpletun"  # below /run
-HOME_DIRS = ("/home", "/root", "/run/user")
+import trio
 
-USAGE = f"""\
-Usage: {PROG} install-service [--unit-dir DIR]
+from simpletun import configfile, control, netdev, session, systemd
+from simpletun._errors import ConfigError, SimpletunError
 
-Writes the systemd template unit {UNIT_NAME} into DIR (default {DEFAULT_UNIT_DIR}), with
-ExecStart= the absolute path of this {PROG} command. Then:
+log = logging.getLogger("simpletun.service")
 
-  systemctl daemon-reload
-  systemctl enable --now {PROG}@NAME      # runs the tunnel of {CONFIG_DIR}/NAME.toml
-  systemctl reload {PROG}@NAME            # re-reads the config (SIGHUP)
-  journalctl -u {PROG}@NAME -p err        # its errors
-"""
-
-UNIT_TEMPLATE = """\
-# {unit_name}: written by `{exe_comment} install-service`; run that again after moving the
-# installation. Local changes: `systemctl edit {prog}@NAME` (drop-ins survive a re-install).
-# `systemctl enable --now {prog}@wg0` runs the tunnel configured in {config_dir}/wg0.toml.
-[Unit]
-Description=simpletun VPN tunnel %I ({config_dir}/%i.toml)
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-Type=notify
-NotifyAccess=main
-ExecStart={exec_start} up --foreground %i
-ExecReload=/bin/kill -HUP $MAINPID
-Restart=on-failure
-RestartSec=1
-# Exit status 2 is a bad config or command line: restarting cannot fix it.
-RestartPreventExitStatus=2
-TimeoutStopSec=20
-
-# Control sockets live in /run/simpletun (root only). Shared by every instance, so it is kept
-# when one instance stops.
-RuntimeDirectory={runtime_dir}
-RuntimeDirectoryMode=0700
-RuntimeDirectoryPreserve=yes
-UMask=0077
-
-# Least privilege: root, but only what a tunnel needs. CAP_NET_ADMIN: TUN/TAP devices,
-# addresses, routes, rules, XFRM states and policies; CAP_NET_RAW: raw ESP sockets.
-CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
-AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
-NoNewPrivileges=yes
-DevicePolicy=closed
-DeviceAllow=/dev/net/tun rw
-ProtectSystem=strict
-ProtectHome={protect_home}
-PrivateTmp=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-ProtectProc=invisible
-RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-RemoveIPC=yes
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallErrorNumber=EPERM
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-# Characters that need no quoting in an ExecStart= path.
-_PLAIN = re.compile(r"[A-Za-z0-9/._+:@,=-]+")
+# Changes a reload cannot apply to a running tunnel (they need `down` + `up`).
+RESTART_FIELDS = ("server", "ifname", "host", "port", "tap", "key", "cipher", "mtu", "addresses")
 
 
-class ServiceError(Exception):
-    """A problem the user must fix; ``status`` is the exit status (2 usage, 1 runtime)."""
+class Service:
+    """A running tunnel from a file: ``tunnel`` is the live :class:`session.Tunnel`."""
 
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
+    def __init__(self, tf: configfile.TunnelFile) -> None:
+        self.file = tf
+        self.tunnel: session.Tunnel | None = None
+        self._cancel = trio.CancelScope()
+        self._reload_lock = trio.Lock()
+        self.ready = False  # device, addresses, routes, listener up and post_up done
 
+    @property
+    def name(self) -> str:
+        return self.file.name
 
-def find_executable(argv0: str | None = None) -> str:
-    """The absolute path of the ``simpletun`` console script that is running (``sys.argv[0]``),
-    or, under ``python -m simpletun``, the one next to the interpreter (a venv's ``bin/``) or on
-    ``PATH``. Raises ServiceError when there is none."""
-    argv0 = sys.argv[0] if argv0 is None else argv0
-    candidates = []
-    if argv0 and os.path.basename(argv0) == PROG:
-        candidates.append(argv0)
-    candidates.append(os.path.join(os.path.dirname(sys.executable), PROG))
-    found = shutil.which(PROG)
-    if found:
-        candidates.append(found)
-    for c in candidates:
-        if os.path.isfile(c) and os.access(c, os.X_OK):
-            return os.path.abspath(c)
-    raise ServiceError(
-        f"cannot find the installed '{PROG}' command: run install-service with it, e.g. "
-        f"/opt/simpletun/.venv/bin/{PROG} install-service",
-        2,
-    )
+    def stop(self) -> None:
+        self._cancel.cancel()
 
+    def status(self) -> dict:
+        st = self.tunnel.status() if self.tunnel is not None else {"up": False}
+        st["ready"] = self.ready
+        st["config"] = str(self.file.path)
+        st["pid"] = __import__("os").getpid()
+        return st
 
-def exec_path(path: str) -> str:
-    """``path`` written for an ExecStart= line: quoted if needed, ``%`` and ``$`` escaped."""
-    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in path):
-        raise ServiceError(f"the path {path!r} contains control characters; install elsewhere", 2)
-    escaped = path.replace("%", "%%").replace("$", "$$")
-    if _PLAIN.fullmatch(path):
-        return escaped
-    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _under_home(path: str) -> bool:
-    return any(path == d or path.startswith(d + "/") for d in HOME_DIRS)
-
-
-def protect_home_value(exe: str) -> str:
-    """``yes``, or ``read-only`` when the program (script, interpreter, package) lives under a
-    home directory, which ``ProtectHome=yes`` would hide from the service."""
-    import simpletun
-
-    paths = [
-        exe,
-        os.path.realpath(exe),
-        os.path.realpath(sys.executable),
-        os.path.realpath(sys.prefix),
-        os.path.realpath(os.path.dirname(simpletun.__file__)),
-    ]
-    return "read-only" if any(_under_home(p) for p in paths) else "yes"
-
-
-def render_unit(exe: str, protect_home: str = "yes") -> str:
-    """The text of ``simpletun@.service`` running ``exe``."""
-    return UNIT_TEMPLATE.format(
-        unit_name=UNIT_NAME,
-        prog=PROG,
-        exe_comment=exe.replace("\n", " "),
-        exec_start=exec_path(exe),
-        config_dir=CONFIG_DIR,
-        runtime_dir=RUNTIME_DIR,
-        protect_home=protect_home,
-    )
-
-
-def install(unit_dir: str = DEFAULT_UNIT_DIR, exe: str | None = None) -> Path:
-    """Write the unit into ``unit_dir`` (created if missing) atomically, mode 0644; return its
-    path."""
-    exe = find_executable() if exe is None else exe
-    text = render_unit(exe, protect_home_value(exe))
-    directory = Path(unit_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / UNIT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{UNIT_NAME}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return target
-
-
-def main(argv: list[str]) -> int:
-    """``simpletun install-service [--unit-dir DIR]``."""
-    unit_dir = DEFAULT_UNIT_DIR
-    args = list(argv)
-    try:
-        while args:
-            arg = args.pop(0)
-            if arg in ("-h", "--help"):
-                sys.stdout.write(USAGE)
-                return 0
-            if arg == "--unit-dir" or arg.startswith("--unit-dir="):
-                value = arg.partition("=")[2] if "=" in arg else (args.pop(0) if args else "")
-                if not value:
-                    raise ServiceError("--unit-dir needs a value: --unit-dir DIR", 2)
-                unit_dir = value
-                continue
-            raise ServiceError(
-                f"install-service: unknown argument '{arg}' (see {PROG} install-service -h)", 2
+    async def reload(self) -> dict:
+        """Re-read the file and apply what can change live (the routes of the peer's allowed
+        prefixes); name what needs a restart. The running session is not disturbed."""
+        async with self._reload_lock:
+            systemd.notify("RELOADING=1")
+            try:
+                new = await trio.to_thread.run_sync(configfile.load, str(self.file.path))
+            except ConfigError as e:
+                log.error("reload failed, keeping the running configuration: %s", e)
+                systemd.notify("READY=1")
+                return {"ok": False, "error": str(e)}
+            old = self.file.config
+            needs = [f for f in RESTART_FIELDS if getattr(old, f) != getattr(new.config, f)]
+            added: list = []
+            removed: list = []
+            if new.config.routes != old.routes and self.tunnel is not None:
+                dev = self.tunnel.device
+                added, removed = await trio.to_thread.run_sync(
+                    netdev.set_routes, dev, new.config.routes
+                )
+                self.tunnel.config = replace(self.tunnel.config, routes=new.config.routes)
+            keep = {f: getattr(old, f) for f in needs}
+            self.file = replace(new, config=replace(new.config, **keep))
+            log.info(
+                "reloaded %s: routes +%s -%s%s",
+                self.file.path,
+                [str(r) for r in added] or "none",
+                [str(r) for r in removed] or "none",
+                f"; needs a restart to apply: {', '.join(needs)}" if needs else "",
             )
-        exe = find_executable()
-        try:
-            path = install(unit_dir, exe)
-        except OSError as e:
-            message = f"cannot write {UNIT_NAME} into {unit_dir}: {e.strerror or e}"
-            raise ServiceError(message) from None
-    except ServiceError as e:
-        from simpletun.systemd import journal_prefix
+            systemd.notify("READY=1", self._status_line())
+            return {
+                "ok": True,
+                "routes_added": [str(r) for r in added],
+                "routes_removed": [str(r) for r in removed],
+                "needs_restart": needs,
+            }
 
-        print(f"{journal_prefix(3)}{PROG}: error: {e}", file=sys.stderr)
-        return e.status
-    print(f"installed {path} (ExecStart={exe} up --foreground %i)")
-    print(f"next: systemctl daemon-reload && systemctl enable --now {PROG}@NAME")
-    print(f"      (NAME = the config {CONFIG_DIR}/NAME.toml)")
-    return 0
+    async def handle(self, req: dict) -> dict:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "reload":
+            return await self.reload()
+        if cmd == "stop":
+            log.info("stop requested over the control socket")
+            self.stop()
+            return {"ok": True, "pid": self.status()["pid"]}
+        return {"ok": False, "error": f"unknown command {cmd!r} (status, reload, stop)"}
+
+    def _status_line(self) -> str:
+        t = self.tunnel
+        if t is None:
+            return "STATUS=starting"
+        if t.session is not None:
+            return f"STATUS=peer {t.session.peer} connected ({t.sessions} session(s) so far)"
+        why = f"; last: {t.last_exit_reason}" if t.last_exit_reason else ""
+        return f"STATUS=waiting for the peer ({t.handshake_failures} failed handshake(s){why})"
+
+    def _hooks(self, which: str, commands: tuple[str, ...]) -> None:
+        for cmd in commands:
+            line = cmd.replace("%i", self.name)
+            log.info("%s: %s", which, line)
+            done = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True)
+            if done.returncode != 0:
+                err = (done.stderr or done.stdout).strip().splitlines()
+                raise SimpletunError(
+                    f"{which} command failed (exit {done.returncode}): {line}"
+                    + (f": {err[-1]}" if err else "")
+                )
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run until :meth:`stop` (or cancellation). pre_down runs before the device goes."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, self.name, self.handle)
+            self.tunnel = await nursery.start(session.run, self.file.config)
+            try:
+                with self._cancel:
+                    await trio.to_thread.run_sync(self._hooks, "post_up", self.file.post_up)
+                    self.ready = True
+                    systemd.notify("READY=1", self._status_line())
+                    log.info("%s is up (%s)", self.name, self.file.path)
+                    task_status.started(self)
+                    last = None
+                    while True:
+                        line = self._status_line()
+                        if line != last:
+                            systemd.notify(line)
+                            last = line
+                        await trio.sleep(1.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    systemd.notify("STOPPING=1")
+                    try:
+                        await trio.to_thread.run_sync(self._hooks, "pre_down", self.file.pre_down)
+                    except SimpletunError as e:
+                        log.error("%s", e)
+                nursery.cancel_scope.cancel()

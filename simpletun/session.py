@@ -27,6 +27,7 @@ e.g. a socketpair end in tests) and leave it open; ``run`` opens, watches and cl
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 
@@ -213,6 +214,59 @@ class Tunnel:
         )
         log.debug("session with %s counters: %s", sess.peer, sess.counters_text())
 
+    def status(self) -> dict:
+        """What ``simpletun status`` shows: interface, transport, and the peer with its SAs and
+        counters (plain data, JSON-serialisable)."""
+        c = self.config
+        dev = self.device
+        sess = self.session
+        peer: dict = {
+            "endpoint": None if c.server else f"{c.host}:{c.port}",
+            "allowed_ips": [str(r) for r in c.routes],
+            "connected": sess is not None,
+            "latest_handshake": None,
+            "sas": [],
+        }
+        if sess is not None:
+            stats = sess.stats
+            peer["remote"] = sess.peer
+            peer["latest_handshake"] = self._wall(sess.started_at)
+            peer["session_age"] = round(sess.duration, 3)
+            for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
+                peer[k] = stats.get(k, 0)
+            peer["drops"] = {k[5:]: v for k, v in stats.items() if k.startswith("drop_") and v}
+            if sess.handshake is not None:
+                hs = sess.handshake
+                age = round(sess.duration, 3)
+                # outbound: the sequence number is the count of packets encapsulated
+                out_sa = {"direction": "out", "spi": f"0x{hs.tx.spi:08x}", "age": age}
+                out_sa["seq"] = stats.get("tx_packets", 0)
+                in_sa = {"direction": "in", "spi": f"0x{hs.rx.spi:08x}", "age": age}
+                in_sa["packets"] = stats.get("rx_packets", 0)
+                peer["sas"] = [out_sa, in_sa]
+        return {
+            "interface": getattr(dev, "name", c.ifname),
+            "mode": "tap" if c.tap else "tun",
+            "role": "server" if c.server else "client",
+            "transport": "tcp",
+            "dataplane": "userspace",
+            "listen_port": self.port if c.server else None,
+            "encryption": f"ESP {c.cipher}" if c.esp else "plaintext",
+            "mtu": c.mtu,
+            "addresses": [str(a) for a in c.addresses],
+            "up": sess is not None,
+            "sessions": self.sessions,
+            "handshake_failures": self.handshake_failures,
+            "last_exit_reason": self.last_exit_reason,
+            "device_recreated": self.device_recreated,
+            "device_repaired": self.device_repaired,
+            "peers": [peer],
+        }
+
+    @staticmethod
+    def _wall(monotonic_t: float) -> float:
+        return round(time.time() - (time.monotonic() - monotonic_t), 3)
+
     async def wait_device_ready(self) -> None:
         await self._device_ready.wait()
 
@@ -280,7 +334,7 @@ async def serve(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORED)
 async def _serve_one(tunnel: Tunnel, admission: tcp.Admission, stream: trio.SocketStream) -> None:
     try:
         peer = format_peer(stream.socket.getpeername())
-        tune_socket(stream.socket)
+        tune_socket(stream.socket, tunnel.config.keepalive)
     except OSError as e:  # the client already left
         log.debug("dropping a connection that closed at once: %s", e)
         stream.socket.close()
@@ -374,7 +428,7 @@ async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORE
         log.debug("connecting to %s", target)
         try:
             stream, peer = await tcp.open_connection(
-                config.host, config.port, config.connect_timeout
+                config.host, config.port, config.connect_timeout, config.keepalive
             )
         except (OSError, trio.TooSlowError) as e:
             failures += 1
@@ -416,18 +470,49 @@ async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORE
 # -- both, with the real device ---------------------------------------------------------------
 
 
-async def run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Open and configure the device, run the server or client until cancelled while keeping
-    the device in place, then release it (a device we created disappears)."""
-    device = await trio.to_thread.run_sync(
-        lambda: netdev.open_device(
+def _pin_peer(config: Config) -> dict | None:
+    """A client whose routes cover its server's address (e.g. a default route through the
+    tunnel) first pins a host route to the server along the current path: otherwise the
+    tunnel's own connection would be routed into the tunnel."""
+    if config.server or not config.routes:
+        return None
+    import ipaddress
+
+    try:
+        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None  # resolved (and retried) by the connect loop; nothing to pin yet
+    routes = netdev.expand_routes(config.routes)
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if any(addr.version == r.version and addr in r for r in routes):
+            return netdev.pin_host_route(str(addr))
+    return None
+
+
+def _open(config: Config):
+    pinned = _pin_peer(config)
+    try:
+        device = netdev.open_device(
             config.ifname,
             tap=config.tap,
             mtu=config.mtu,
             addresses=config.addresses,
             routes=config.routes,
         )
-    )
+    except BaseException:
+        if pinned:
+            netdev.unpin(pinned)
+        raise
+    if pinned:
+        device.pinned.append(pinned)
+    return device
+
+
+async def run(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Open and configure the device, run the server or client until cancelled while keeping
+    the device in place, then release it (a device we created disappears)."""
+    device = await trio.to_thread.run_sync(_open, config)
     tunnel = None
     try:
         async with trio.open_nursery() as nursery:

@@ -10,9 +10,12 @@ reads (``SyslogLevelPrefix=``, on by default) so that ``journalctl -p err`` find
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import re
 import socket
+import sys
 
 
 def notify(*fields: str) -> bool:
@@ -59,11 +62,6 @@ def syslog_priority(levelno: int) -> int:
     return 7
 
 
-def journal_prefix(priority: int) -> str:
-    """``"<N>"`` (journald's SyslogLevelPrefix) when stderr goes to the journal, else ``""``."""
-    return f"<{priority}>" if stderr_is_journal() else ""
-
-
 class JournalFormatter(logging.Formatter):
     """Prefixes every line of a record with ``<N>``, its syslog priority, so that journald files
     it at that priority (``journalctl -p err``). No timestamps: journald adds its own."""
@@ -71,3 +69,62 @@ class JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{syslog_priority(record.levelno)}>"
         return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+_PREFIXED = re.compile(r"<[0-7]>")
+
+
+class _JournalStderr(io.TextIOBase):
+    """stderr when it is the journal: each line that has no ``<N>`` yet gets one, by the CLI's
+    convention ``simpletun: error: ...`` -> ``<3>``, ``simpletun: warning: ...`` -> ``<4>``; other
+    lines are left to journald's default (info). Complete lines are written at once."""
+
+    def __init__(self, raw, prog: str) -> None:
+        super().__init__()
+        self._raw = raw
+        self._rules = ((f"{prog}: error:", "<3>"), (f"{prog}: warning:", "<4>"))
+        self._partial = ""
+
+    def _prefix(self, line: str) -> str:
+        if _PREFIXED.match(line):
+            return line
+        for start, prefix in self._rules:
+            if line.startswith(start):
+                return prefix + line
+        return line
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        if lines:
+            self._raw.write("".join(self._prefix(line) + "\n" for line in lines))
+            self._raw.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._raw.write(self._prefix(self._partial))
+            self._partial = ""
+        self._raw.flush()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self):
+        return self._raw.encoding
+
+
+def prefix_stderr_for_journal(prog: str = "simpletun") -> bool:
+    """When stderr is the journal, replace ``sys.stderr`` by a writer that gives ``<N>``
+    priorities to error and warning lines (see :class:`_JournalStderr`); True if done."""
+    if isinstance(sys.stderr, _JournalStderr) or not stderr_is_journal():
+        return False
+    sys.stderr = _JournalStderr(sys.stderr, prog)
+    return True

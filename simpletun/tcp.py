@@ -40,11 +40,13 @@ def format_peer(addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def tune_socket(sock) -> None:
-    """TCP_NODELAY (latency) and keepalive/user timeout (notice a dead peer within ~30 s)."""
+def tune_socket(sock, keepalive: int | None = None) -> None:
+    """TCP_NODELAY (latency) and keepalive/user timeout (notice a dead peer within ~30 s);
+    ``keepalive`` overrides the idle time before the first probe (a peer's
+    ``persistent_keepalive``: also keeps NAT and firewall state alive)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive or KEEPALIVE_IDLE)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
@@ -87,7 +89,9 @@ async def accept_loop(listener: trio.SocketListener, handle, nursery: trio.Nurse
         nursery.start_soon(handle, stream)
 
 
-async def open_connection(host: str, port: int, timeout: float) -> tuple[trio.SocketStream, str]:
+async def open_connection(
+    host: str, port: int, timeout: float, keepalive: int | None = None
+) -> tuple[trio.SocketStream, str]:
     """Connect and tune the socket; returns (stream, "host:port" of the peer).
 
     Raises OSError or trio.TooSlowError; the stream is closed on any failure here."""
@@ -95,7 +99,7 @@ async def open_connection(host: str, port: int, timeout: float) -> tuple[trio.So
         stream = await trio.open_tcp_stream(host, port)
     try:
         peer = format_peer(stream.socket.getpeername())
-        tune_socket(stream.socket)
+        tune_socket(stream.socket, keepalive)
     except OSError:
         stream.socket.close()
         raise

@@ -485,6 +485,15 @@ def test_undecodable_argv_bytes_are_one_line_not_a_traceback(tmp_path):
         assert "Traceback" not in p.stderr.decode(errors="replace")
 
 
+def test_listen_address_for_a_server_only():
+    config, _ = cli.parse_args(["-i", "tun0", "-s", "--listen", "[::1]", "--plaintext"])
+    assert config.host == "::1" and config.server
+    with pytest.raises(cli.UsageError, match="--listen is for a server"):
+        cli.parse_args(["-i", "tun0", "-c", "h", "--listen", "::1", "--plaintext"])
+    with pytest.raises(cli.UsageError, match="brackets are only for IPv6"):
+        cli.parse_args(["-i", "tun0", "-s", "--listen", "[10.0.0.1]", "--plaintext"])
+
+
 def test_bracketed_ipv6_server_address_is_accepted():
     config, _ = cli.parse_args(["-i", "tun0", "-c", "[fd00::1]", "--plaintext"])
     assert config.host == "fd00::1"

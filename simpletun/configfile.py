@@ -1,0 +1,393 @@
+"""Tunnel configuration files: one TOML file per tunnel, in the shape wg-quick users know.
+
+::
+
+    # /etc/simpletun/st0.toml  ->  `simpletun up st0`
+    [interface]
+    name = "st0"                     # default: the file's stem
+    mode = "tun"                     # or "tap"
+    address = ["10.0.0.1/24"]
+    listen_port = 55555              # a server listens; a client has a peer endpoint instead
+    listen_address = "192.0.2.1"     # optional (server): bind to this address only
+    key_file = "/etc/simpletun/st0.key"   # or: plaintext = true
+    cipher = "aes-128-cbc"
+    mtu = 1400                       # optional
+    transport = "tcp"                # the only one until the datagram data plane lands
+    dataplane = "userspace"          # the only one until kernel ESP lands
+    post_up = ["iptables -A FORWARD -i %i -j ACCEPT"]    # run by /bin/sh; %i = the device
+    pre_down = ["iptables -D FORWARD -i %i -j ACCEPT"]
+
+    [[peer]]
+    endpoint = "198.51.100.7:55555"  # client: the server to connect to ([v6]:port for IPv6)
+    allowed_ips = ["10.1.0.0/16", "0.0.0.0/0"]   # routed through the tunnel
+    persistent_keepalive = 25        # seconds (TCP keepalive probes on the connection)
+
+Everything a user wrote is checked by the same ``simpletun.config`` checks the command line
+uses; a problem is one :class:`ConfigFileError` line naming the file, the line, the key and the
+fix (the CLI prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from simpletun import keys
+from simpletun._errors import ConfigError
+from simpletun.config import (
+    DEFAULT_MTU,
+    DEFAULT_PORT,
+    Config,
+    check_address,
+    check_cipher,
+    check_host,
+    check_ifname,
+    check_mtu,
+    check_port,
+    check_route,
+)
+from simpletun.handshake import DEFAULT_CIPHER
+
+CONFIG_DIR_ENV = "SIMPLETUN_CONFIG_DIR"
+DEFAULT_CONFIG_DIR = "/etc/simpletun"
+
+INTERFACE_KEYS = {
+    "name": str,
+    "mode": str,
+    "address": list,
+    "listen_port": int,
+    "listen_address": str,
+    "key_file": str,
+    "plaintext": bool,
+    "cipher": str,
+    "mtu": int,
+    "transport": str,
+    "dataplane": str,
+    "post_up": list,
+    "pre_down": list,
+}
+PEER_KEYS = {
+    "name": str,
+    "endpoint": str,
+    "allowed_ips": list,
+    "persistent_keepalive": int,
+}
+TRANSPORTS = ("tcp",)
+DATAPLANES = ("userspace",)
+
+
+class ConfigFileError(ConfigError):
+    """A problem in a config file; the message names the file, line and key."""
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get(CONFIG_DIR_ENV, DEFAULT_CONFIG_DIR))
+
+
+def resolve(name_or_path: str) -> Path:
+    """``st0`` → ``/etc/simpletun/st0.toml``; a path (with ``/`` or ``.toml``) is taken as is."""
+    if "/" in name_or_path or name_or_path.endswith(".toml"):
+        return Path(name_or_path)
+    check_ifname(name_or_path)
+    return config_dir() / f"{name_or_path}.toml"
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str | None
+    endpoint: tuple[str, int] | None
+    allowed_ips: tuple
+    persistent_keepalive: int | None
+
+
+@dataclass(frozen=True)
+class TunnelFile:
+    """A parsed config file: the :class:`Config` to run, and what only the file carries."""
+
+    path: Path
+    config: Config
+    peers: tuple[Peer, ...]
+    post_up: tuple[str, ...] = ()
+    pre_down: tuple[str, ...] = ()
+    key_file: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.ifname
+
+
+class _Where:
+    """Builds error messages that point at the file, line and key."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, table: str, key: str | None, index: int = 0) -> int | None:
+        header = re.compile(r"^\s*\[\[?\s*" + re.escape(table) + r"\s*\]\]?\s*(#.*)?$")
+        seen = -1
+        in_table = False
+        for no, line in enumerate(self.lines, 1):
+            if line.lstrip().startswith("["):
+                in_table = bool(header.match(line))
+                if in_table:
+                    seen += 1
+                    if key is None and seen == index:
+                        return no
+                continue
+            if in_table and seen == index and key is not None:
+                if re.match(r"^\s*" + re.escape(key) + r"\s*=", line):
+                    return no
+        return None
+
+    def error(self, table: str, key: str | None, message: str, index: int = 0) -> ConfigFileError:
+        no = self.line_of(table, key, index)
+        at = f"{self.path}" + (f":{no}" if no else "")
+        section = "[interface]" if table == "interface" else f"[[peer]] #{index + 1}"
+        where = f"{section} {key}" if key else section
+        return ConfigFileError(f"{at}: {where}: {message}")
+
+
+def _type_name(t: type) -> str:
+    return {str: "a string", int: "an integer", bool: "true or false", list: "a list"}[t]
+
+
+def _check_table(w: _Where, table: str, data: dict, known: dict, index: int = 0) -> None:
+    for key, value in data.items():
+        if key not in known:
+            raise w.error(
+                table,
+                key,
+                f"unknown key (known keys: {', '.join(known)})",
+                index,
+            )
+        want = known[key]
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok:
+            shown = repr(value) if not isinstance(value, dict) else "a table"
+            raise w.error(table, key, f"must be {_type_name(want)}, got {shown}", index)
+
+
+def _strings(w: _Where, table: str, key: str, values: list, index: int = 0) -> list[str]:
+    if not all(isinstance(v, str) for v in values):
+        raise w.error(table, key, "must be a list of strings", index)
+    return values
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` (default port)."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ConfigError(f"endpoint {text!r}: missing ']' after the IPv6 address")
+        host = check_host(f"[{host}]")
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"endpoint {text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        host = check_host(host)
+    else:
+        host, port_text = check_host(text), ""
+    if not port_text:
+        return host, DEFAULT_PORT
+    try:
+        port = int(port_text, 10)
+    except ValueError:
+        raise ConfigError(f"endpoint {text!r}: port {port_text!r} is not a number") from None
+    return host, check_port(port)
+
+
+def loads(text: str, path: Path) -> TunnelFile:
+    w = _Where(path, text)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"{path}: not valid TOML: {e}") from None
+    unknown = [k for k in doc if k not in ("interface", "peer")]
+    if unknown:
+        raise ConfigFileError(
+            f"{path}: unknown table [{unknown[0]}] (a file has [interface] and [[peer]] tables)"
+        )
+    iface = doc.get("interface")
+    if not isinstance(iface, dict):
+        raise ConfigFileError(f"{path}: no [interface] table (it names the device and addresses)")
+    peers_raw = doc.get("peer", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigFileError(f"{path}: write peers as [[peer]] tables (double brackets)")
+    _check_table(w, "interface", iface, INTERFACE_KEYS)
+    for i, p in enumerate(peers_raw):
+        _check_table(w, "peer", p, PEER_KEYS, i)
+
+    def check(key, fn, value, table="interface", index=0):
+        try:
+            return fn(value)
+        except ConfigError as e:
+            raise w.error(table, key, str(e), index) from None
+
+    name = check("name", check_ifname, iface.get("name", path.stem))
+    mode = iface.get("mode", "tun")
+    if mode not in ("tun", "tap"):
+        raise w.error("interface", "mode", f'must be "tun" or "tap", got {mode!r}')
+    addresses = tuple(
+        check("address", check_address, a)
+        for a in _strings(w, "interface", "address", iface.get("address", []))
+    )
+    transport = iface.get("transport", "tcp")
+    if transport not in TRANSPORTS:
+        raise w.error(
+            "interface",
+            "transport",
+            f"{transport!r} is not available in this version (only {', '.join(TRANSPORTS)})",
+        )
+    dataplane = iface.get("dataplane", "userspace")
+    if dataplane not in DATAPLANES:
+        raise w.error(
+            "interface",
+            "dataplane",
+            f"{dataplane!r} is not available in this version (only {', '.join(DATAPLANES)})",
+        )
+    plaintext = iface.get("plaintext", False)
+    key_file = iface.get("key_file")
+    if plaintext and key_file is not None:
+        raise w.error("interface", "key_file", "plaintext = true and key_file exclude each other")
+    if not plaintext and key_file is None:
+        raise w.error(
+            "interface",
+            None,
+            "no key_file: run 'simpletun genkey > /etc/simpletun/KEY' and set "
+            'key_file = "/etc/simpletun/KEY" (same key on both ends), or set plaintext = true',
+        )
+    key = None
+    if key_file is not None:
+        kpath = Path(key_file)
+        if not kpath.is_absolute():
+            kpath = path.parent / kpath
+        key = check("key_file", keys.load_key, str(kpath))
+    cipher = iface.get("cipher")
+    if cipher is not None:
+        if plaintext:
+            raise w.error("interface", "cipher", "does not apply to plaintext = true")
+        check("cipher", check_cipher, cipher)
+    mtu = iface.get("mtu")
+    if mtu is not None:
+        check("mtu", check_mtu, mtu)
+
+    peers = []
+    for i, p in enumerate(peers_raw):
+        endpoint = None
+        if "endpoint" in p:
+            endpoint = check("endpoint", parse_endpoint, p["endpoint"], "peer", i)
+        allowed = tuple(
+            check("allowed_ips", check_route, a, "peer", i)
+            for a in _strings(w, "peer", "allowed_ips", p.get("allowed_ips", []), i)
+        )
+        ka = p.get("persistent_keepalive")
+        if ka is not None and not 1 <= ka <= 3600:
+            raise w.error("peer", "persistent_keepalive", f"must be 1-3600 seconds, got {ka}", i)
+        peers.append(Peer(p.get("name"), endpoint, allowed, ka))
+    if len(peers) > 1:
+        raise w.error(
+            "peer",
+            None,
+            "only one [[peer]] per tunnel in this version (many peers on one device come with "
+            "the multi-peer data plane); use one file per peer for now",
+            1,
+        )
+    listen_port = iface.get("listen_port")
+    client = bool(peers and peers[0].endpoint)
+    if listen_port is not None and client:
+        raise w.error(
+            "interface",
+            "listen_port",
+            "a tunnel either listens (server) or has a peer endpoint (client), not both",
+        )
+    if listen_port is None and not client:
+        raise w.error(
+            "interface",
+            None,
+            "set listen_port (server) or give the [[peer]] an endpoint (client)",
+        )
+    if listen_port is not None:
+        check("listen_port", lambda v: check_port(v, server=True), listen_port)
+    listen_address = iface.get("listen_address")
+    if listen_address is not None:
+        if client:
+            raise w.error("interface", "listen_address", "only a server listens")
+        listen_address = check("listen_address", check_host, listen_address)
+    routes = tuple(r for p in peers for r in p.allowed_ips)
+    config = Config(
+        server=not client,
+        ifname=name,
+        host=peers[0].endpoint[0] if client else listen_address,
+        port=peers[0].endpoint[1] if client else listen_port,
+        tap=mode == "tap",
+        key=key,
+        cipher=cipher or DEFAULT_CIPHER,
+        mtu=mtu if mtu is not None else DEFAULT_MTU,
+        addresses=addresses,
+        routes=routes,
+        keepalive=peers[0].persistent_keepalive if peers else None,
+    )
+    post_up = tuple(_strings(w, "interface", "post_up", iface.get("post_up", [])))
+    pre_down = tuple(_strings(w, "interface", "pre_down", iface.get("pre_down", [])))
+    return TunnelFile(path, config, tuple(peers), post_up, pre_down, key_file)
+
+
+def load(name_or_path: str) -> TunnelFile:
+    path = resolve(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigFileError(
+            f"{path}: no such config file (write one like the example in the README, or give "
+            "its path)"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigFileError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigFileError(f"{path}: cannot read it: {e.strerror or e}") from None
+    return loads(text, path)
+
+
+def dumps(tf: TunnelFile) -> str:
+    """The file's TOML again (round trip: ``loads(dumps(x), path)`` gives the same tunnel)."""
+    c = tf.config
+
+    def q(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def arr(items) -> str:
+        return "[" + ", ".join(q(str(i)) for i in items) + "]"
+
+    out = ["[interface]", f"name = {q(c.ifname)}", f"mode = {q('tap' if c.tap else 'tun')}"]
+    if c.addresses:
+        out.append(f"address = {arr(c.addresses)}")
+    if c.server:
+        out.append(f"listen_port = {c.port}")
+        if c.host:
+            out.append(f"listen_address = {q(c.host)}")
+    out.append(f"mtu = {c.mtu}")
+    if not c.esp:
+        out.append("plaintext = true")
+    else:
+        out.append(f"key_file = {q(tf.key_file or '')}")
+        out.append(f"cipher = {q(c.cipher)}")
+    if tf.post_up:
+        out.append(f"post_up = {arr(tf.post_up)}")
+    if tf.pre_down:
+        out.append(f"pre_down = {arr(tf.pre_down)}")
+    for p in tf.peers:
+        out += ["", "[[peer]]"]
+        if p.name:
+            out.append(f"name = {q(p.name)}")
+        if p.endpoint:
+            host, port = p.endpoint
+            out.append(f"endpoint = {q(f'[{host}]:{port}' if ':' in host else f'{host}:{port}')}")
+        out.append(f"allowed_ips = {arr(p.allowed_ips)}")
+        if p.persistent_keepalive:
+            out.append(f"persistent_keepalive = {p.persistent_keepalive}")
+    return "\n".join(out) + "\n"
