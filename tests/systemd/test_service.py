@@ -42,6 +42,19 @@ key_file = "/etc/simpletun/{NAME}.key"
 allowed_ips = [{{routes}}]
 """
 
+# A client of st9 with st9's key (st6.key is a copy of st9.key).
+GOOD_CLIENT_TOML = f"""\
+[interface]
+name = "st6"
+mode = "tun"
+address = ["10.251.0.3/24"]
+key_file = "/etc/simpletun/st6.key"
+
+[[peer]]
+allowed_ips = ["10.96.0.0/24"]
+endpoint = "127.0.0.1:{PORT}"
+"""
+
 # A client of st9 whose key is not st9's: every handshake fails (logged as errors by st9).
 CLIENT_TOML = f"""\
 [interface]
@@ -119,6 +132,7 @@ def installed(sysd_lab):
     )
     lab.write(f"/etc/simpletun/{NAME}.toml", server_toml(ROUTE), 0o600)
     lab.write("/etc/simpletun/st7.toml", CLIENT_TOML, 0o600)
+    lab.write("/etc/simpletun/st6.toml", GOOD_CLIENT_TOML, 0o600)
     lab.write("/etc/simpletun/st8.toml", BAD_TOML, 0o600)
     return lab
 
@@ -216,6 +230,38 @@ def test_lifecycle(installed):
     assert all(r["PRIORITY"] == "3" for r in errs), errs
     assert errs[0]["MESSAGE"].startswith("simpletun: "), errs[0]["MESSAGE"]
     print(f"journalctl -u {UNIT} -p err: {errs[0]['MESSAGE']}")
+
+    # 3b. The data plane under the hardened unit: a client with st9's key connects, packets it
+    # routes through its tunnel reach st9 (its counters, read over the control socket in
+    # /run/simpletun); STATUS= follows the peer.
+    lab.run("cp", f"/etc/simpletun/{NAME}.key", "/etc/simpletun/st6.key")
+    lab.run("systemctl", "start", "simpletun@st6.service")
+    lab.wait_for(
+        "st9's StatusText saying the peer is connected",
+        lambda: "connected" in lab.show(UNIT, "StatusText")["StatusText"],
+    )
+    send = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    send += "for _ in range(5): s.sendto(bytes(100), ('10.96.0.1', 9))"
+    lab.run(sys.executable, "-c", send)
+
+    def server_status():
+        out = lab.run(simpletun_cmd(), "status", NAME, "--json", check=False)
+        return out.returncode, json.loads(out.stdout)
+
+    lab.wait_for(
+        "5 packets at st9", lambda: server_status()[1]["peers"][0].get("rx_packets", 0) >= 5
+    )
+    code, st9 = server_status()
+    peer = st9["peers"][0]
+    assert code == 0 and st9["up"] and peer["connected"], st9
+    assert peer["rx_bytes"] >= 5 * 128 and len(peer["sas"]) == 2, peer
+    print(f"st9 status over the control socket: rx_packets={peer['rx_packets']} sas={peer['sas']}")
+    lab.run("systemctl", "stop", "simpletun@st6.service")
+    # /run/simpletun is shared: stopping st6 must leave st9's control socket in place.
+    code, st9 = lab.wait_for(
+        "st9 without its peer", lambda: (lambda r: r if r[0] == 1 else None)(server_status())
+    )
+    assert st9["running"] and not st9["up"], st9
 
     # 4. Reload (SIGHUP): same process, the config re-read (a new route), "reload" logged.
     lab.write(f"/etc/simpletun/{NAME}.toml", server_toml(ROUTE, ROUTE2), 0o600)
