@@ -135,10 +135,11 @@ def find_executable(argv0: str | None = None) -> str:
 
 
 def exec_path(path: str) -> str:
-    """``path`` written for an ExecStart= line: quoted if needed, ``%`` and ``$`` escaped."""
+    """``path`` written as the command of an ExecStart= line: quoted if needed, ``%`` escaped
+    (specifiers apply to the command; ``$`` expansion does not)."""
     if any(ord(ch) < 0x20 or ch == "\x7f" for ch in path):
         raise ServiceError(f"the path {path!r} contains control characters; install elsewhere", 2)
-    escaped = path.replace("%", "%%").replace("$", "$$")
+    escaped = path.replace("%", "%%")
     if _PLAIN.fullmatch(path):
         return escaped
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
