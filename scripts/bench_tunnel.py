@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "netns"))
-
-from lab import TUN_A_ADDR, VETH_A_ADDR, Lab, missing_prerequisites  # noqa: E402
-from tunnel import TunnelPair, genkey, simpletun_cmd  # noqa: E402
+from simpletun.lab import TUN_A_ADDR, VETH_A_ADDR, Lab, missing_prerequisites
+from simpletun.lab.tunnel import TunnelPair, genkey, simpletun_cmd
 
 IPERF_PORT = 5201
 TARGET_GBPS = 1.0

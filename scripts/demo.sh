@@ -30,7 +30,7 @@ done
 
 ST=$ROOT/.venv/bin/simpletun
 PY=$ROOT/.venv/bin/python
-XFER=$ROOT/tests/netns/xfer.py
+XFER=$ROOT/simpletun/lab/xfer.py
 NS_A=st-demo-a-$$
 NS_B=st-demo-b-$$
 A_VETH=10.250.0.1

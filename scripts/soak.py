@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "netns"))
-
-from lab import TUN_A_ADDR, VETH_A_ADDR, Lab, missing_prerequisites, parse_ping  # noqa: E402
-from tunnel import DEV, PORT, TunnelPair, genkey  # noqa: E402
+from simpletun.lab import TUN_A_ADDR, VETH_A_ADDR, Lab, missing_prerequisites, parse_ping
+from simpletun.lab.tunnel import DEV, PORT, TunnelPair, genkey
 
 ATTACK = str(Path(__file__).resolve().parent.parent / "tests" / "netns" / "attack.py")
 

@@ -8,8 +8,8 @@ bash scripts/setup.sh
 echo "== lint"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -q -- -D warnings
-.venv/bin/ruff check simpletun tests scripts
-.venv/bin/ruff format --check simpletun tests scripts
+.venv/bin/ruff check simpletun tests scripts examples
+.venv/bin/ruff format --check simpletun tests scripts examples
 
 echo "== cargo test"
 cargo test --workspace --exclude simpletun-py

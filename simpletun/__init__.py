@@ -22,9 +22,15 @@ from simpletun._errors import (
     SimpletunError,
     UnknownSpiError,
 )
+from simpletun.api import BlockingTunnel, TunnelHandle, TunnelProcess, open_tunnel, spawn
 from simpletun.session import Config, Tunnel, connect, run, serve
 
 __all__ = [
+    "BlockingTunnel",
+    "TunnelHandle",
+    "TunnelProcess",
+    "open_tunnel",
+    "spawn",
     "Config",
     "Tunnel",
     "connect",

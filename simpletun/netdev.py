@@ -66,6 +66,17 @@ def stable_mac(address: Address) -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
+def _route_spec(net: Network, ifindex: int) -> dict:
+    """pyroute2 arguments of the route for ``net`` through device ``ifindex``."""
+    family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+    return {
+        "dst": str(net.network_address),
+        "dst_len": net.prefixlen,
+        "oif": ifindex,
+        "family": family,
+    }
+
+
 @dataclass
 class Configured:
     """What :func:`configure` did: the device's index, and what it added (not what was there)."""
@@ -121,15 +132,8 @@ def configure(
         except NetlinkError as e:
             raise DeviceError(f"{name}: cannot bring the device up: {_netlink_error(e)}") from None
         for net in routes:
-            family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
             try:
-                ipr.route(
-                    "add",
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                    oif=index,
-                    family=family,
-                )
+                ipr.route("add", **_route_spec(net, index))
             except NetlinkError as e:
                 if e.code == errno.EEXIST:
                     log.debug("%s: route %s already present", name, net)
@@ -256,15 +260,8 @@ def remove_routes(name: str, ifindex: int, routes: list[Network]) -> None:
 
     with IPRoute() as ipr:
         for net in routes:
-            family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
             try:
-                ipr.route(
-                    "del",
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                    oif=ifindex,
-                    family=family,
-                )
+                ipr.route("del", **_route_spec(net, ifindex))
             except NetlinkError as e:
                 log.debug("%s: could not remove route %s: %s", name, net, _netlink_error(e))
 

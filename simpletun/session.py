@@ -124,6 +124,7 @@ class Tunnel:
         self._device_ready = trio.Event()
         self._device_ready.set()
         self._check_device = trio.Event()
+        self._up = trio.Event()  # set while a session runs
         self._last_replace: tuple[float, str] | None = None  # (when, replaced peer)
 
     def stats(self) -> dict:
@@ -154,6 +155,7 @@ class Tunnel:
                     sess.started_at = time.monotonic()
                     self.session = sess
                     self.sessions += 1
+                    self._up.set()
                 log.info("session with %s up (%s)", peer, sess.describe())
                 await trio.lowlevel.wait_readable(sess.pump.done_fd)
         finally:
@@ -203,6 +205,7 @@ class Tunnel:
         sess.ended_at = time.monotonic()
         if self.session is sess:
             self.session = None
+            self._up = trio.Event()
         sess._done.set()
         if pump is None:
             return
@@ -213,6 +216,12 @@ class Tunnel:
             "session with %s ended after %.1f s: %s", sess.peer, sess.duration, sess.exit_reason
         )
         log.debug("session with %s counters: %s", sess.peer, sess.counters_text())
+
+    async def wait_up(self) -> Session:
+        """Return the running session, waiting (without polling) until there is one."""
+        while self.session is None:
+            await self._up.wait()
+        return self.session
 
     def status(self) -> dict:
         """What ``simpletun status`` shows: interface, transport, and the peer with its SAs and

@@ -81,7 +81,7 @@ def garbage(host: str, port: int, seconds: float) -> dict:
             with socket.create_connection((host, port), timeout=1) as s:
                 s.sendall(junk)
                 sent += 1
-                s.settimeout(0.2)
+                s.settimeout(0.05)
                 try:
                     s.recv(100)
                 except OSError:

@@ -18,8 +18,7 @@ import pytest
 
 from . import pcapwire
 from .mitm import C2S, S2C, FrameProxy
-
-XFER = os.path.join(os.path.dirname(__file__), "xfer.py")
+from .tunnel import XFER
 
 
 # -- pcap synthesis ------------------------------------------------------------------------
@@ -321,7 +320,9 @@ def test_lab_sockets_inside_namespace_and_proxy(lab_factory, checked):
 def test_missing_prerequisites_skip_locally_but_fail_under_ci(monkeypatch, checked):
     """Without root (simulated), a netns test is skipped with the reason, except under CI=true
     where it fails."""
-    from . import conftest, lab
+    import simpletun.lab as lab
+
+    from . import conftest
 
     monkeypatch.setattr(lab.os, "geteuid", lambda: 1000)
     missing = lab.missing_prerequisites()
