@@ -240,6 +240,10 @@ def test_lifecycle(installed):
         "st9's StatusText saying the peer is connected",
         lambda: "connected" in lab.show(UNIT, "StatusText")["StatusText"],
     )
+    lab.wait_for(
+        "st6 connected",
+        lambda: lab.run(simpletun_cmd(), "status", "st6", check=False).returncode == 0,
+    )
     send = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
     send += "for _ in range(5): s.sendto(bytes(100), ('10.96.0.1', 9))"
     lab.run(sys.executable, "-c", send)
@@ -257,10 +261,13 @@ def test_lifecycle(installed):
     assert peer["rx_bytes"] >= 5 * 128 and len(peer["sas"]) == 2, peer
     print(f"st9 status over the control socket: rx_packets={peer['rx_packets']} sas={peer['sas']}")
     lab.run("systemctl", "stop", "simpletun@st6.service")
+
     # /run/simpletun is shared: stopping st6 must leave st9's control socket in place.
-    code, st9 = lab.wait_for(
-        "st9 without its peer", lambda: (lambda r: r if r[0] == 1 else None)(server_status())
-    )
+    def peer_gone():
+        code, st = server_status()
+        return (code, st) if code == 1 else None
+
+    code, st9 = lab.wait_for("st9 without its peer", peer_gone)
     assert st9["running"] and not st9["up"], st9
 
     # 4. Reload (SIGHUP): same process, the config re-read (a new route), "reload" logged.
