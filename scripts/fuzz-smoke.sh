@@ -18,6 +18,8 @@ CARGO_FUZZ_VERSION=0.13.2
 FUZZ_SECONDS=${FUZZ_SECONDS:-25}
 # FUZZ_RUNS=N runs each target for N executions instead (long runs outside CI, e.g. 10000000).
 FUZZ_RUNS=${FUZZ_RUNS:-}
+# FUZZ_SANITIZER=none drops AddressSanitizer (the targets are safe Rust) for faster long runs.
+FUZZ_SANITIZER=${FUZZ_SANITIZER:-address}
 FUZZ_DIR=rust/fuzz
 export RUSTC_BOOTSTRAP=1
 
@@ -46,7 +48,7 @@ logdir=$(mktemp -d)
 trap 'rm -rf "$logdir"' EXIT
 
 echo "fuzz-smoke: building ${targets[*]}"
-if ! cargo fuzz build --fuzz-dir "$FUZZ_DIR" >"$logdir/build.log" 2>&1; then
+if ! cargo fuzz build -s "$FUZZ_SANITIZER" --fuzz-dir "$FUZZ_DIR" >"$logdir/build.log" 2>&1; then
     cat "$logdir/build.log" >&2
     echo "fuzz-smoke: build failed" >&2
     exit 1
@@ -66,7 +68,7 @@ for t in "${targets[@]}"; do
     fi
     rc=0
     started=$SECONDS
-    cargo fuzz run --fuzz-dir "$FUZZ_DIR" "$t" -- \
+    cargo fuzz run -s "$FUZZ_SANITIZER" --fuzz-dir "$FUZZ_DIR" "$t" -- \
         "${limit[@]}" -timeout=10 -print_final_stats=1 >"$log" 2>&1 || rc=$?
     runs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\).*/\1/p' "$log" | tail -n1)
     cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -n1 | cut -d' ' -f2 || true)
