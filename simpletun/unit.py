@@ -10,8 +10,9 @@ The unit's ``ExecStart`` is the absolute path of the ``simpletun`` command that 
 installation. The service runs as root, but with only ``CAP_NET_ADMIN`` (devices, addresses,
 routes, XFRM) and ``CAP_NET_RAW`` (raw ESP sockets) in its bounding set, ``/dev/net/tun`` as its
 only device, a read-only file system except its runtime directory ``/run/simpletun`` (control
-sockets, mode 0700), no access to home directories (read-only when the installation itself lives
-under one), and the usual kernel, namespace and system call restrictions.
+sockets, mode 0700), no access to home directories (read-only when the installation or its
+interpreter lives under one, e.g. a pyenv Python in /root), a private /tmp (unless the installation
+is there), and the usual kernel, namespace and system call restrictions.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ UNIT_NAME = "simpletun@.service"
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 CONFIG_DIR = "/etc/simpletun"
 RUNTIME_DIR = "simpletun"  # below /run
-HOME_DIRS = ("/home", "/root", "/run/user")
+HOME_DIRS = ("/home", "/root", "/run/user")  # hidden by ProtectHome=yes
+TMP_DIRS = ("/tmp", "/var/tmp")  # private (empty) with PrivateTmp
 
 USAGE = f"""\
 Usage: {PROG} install-service [--unit-dir DIR]
@@ -78,7 +80,7 @@ DevicePolicy=closed
 DeviceAllow=/dev/net/tun rw
 ProtectSystem=strict
 ProtectHome={protect_home}
-PrivateTmp=yes
+PrivateTmp={private_tmp}
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
@@ -145,26 +147,39 @@ def exec_path(path: str) -> str:
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _under(path: str, dirs: tuple[str, ...]) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in dirs)
+
+
 def _under_home(path: str) -> bool:
-    return any(path == d or path.startswith(d + "/") for d in HOME_DIRS)
+    return _under(path, HOME_DIRS)
 
 
-def protect_home_value(exe: str) -> str:
-    """``yes``, or ``read-only`` when the program (script, interpreter, package) lives under a
-    home directory, which ``ProtectHome=yes`` would hide from the service."""
+def _program_paths(exe: str) -> list[str]:
+    """Where the program lives: the script, the interpreter, the environment, the package."""
     import simpletun
 
-    paths = [
+    return [
         exe,
         os.path.realpath(exe),
         os.path.realpath(sys.executable),
         os.path.realpath(sys.prefix),
         os.path.realpath(os.path.dirname(simpletun.__file__)),
     ]
-    return "read-only" if any(_under_home(p) for p in paths) else "yes"
 
 
-def render_unit(exe: str, protect_home: str = "yes") -> str:
+def placement_settings(exe: str) -> dict[str, str]:
+    """``ProtectHome=`` and ``PrivateTmp=`` values that keep the program visible to its service:
+    ``ProtectHome=read-only`` when it lives under a home directory (``yes`` would hide it),
+    ``PrivateTmp=no`` when it lives under /tmp or /var/tmp (a private /tmp would hide it)."""
+    paths = _program_paths(exe)
+    return {
+        "protect_home": "read-only" if any(_under(p, HOME_DIRS) for p in paths) else "yes",
+        "private_tmp": "no" if any(_under(p, TMP_DIRS) for p in paths) else "yes",
+    }
+
+
+def render_unit(exe: str, protect_home: str = "yes", private_tmp: str = "yes") -> str:
     """The text of ``simpletun@.service`` running ``exe``."""
     return UNIT_TEMPLATE.format(
         unit_name=UNIT_NAME,
@@ -174,6 +189,7 @@ def render_unit(exe: str, protect_home: str = "yes") -> str:
         config_dir=CONFIG_DIR,
         runtime_dir=RUNTIME_DIR,
         protect_home=protect_home,
+        private_tmp=private_tmp,
     )
 
 
@@ -181,7 +197,7 @@ def install(unit_dir: str = DEFAULT_UNIT_DIR, exe: str | None = None) -> Path:
     """Write the unit into ``unit_dir`` (created if missing) atomically, mode 0644; return its
     path."""
     exe = find_executable() if exe is None else exe
-    text = render_unit(exe, protect_home_value(exe))
+    text = render_unit(exe, **placement_settings(exe))
     directory = Path(unit_dir)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / UNIT_NAME

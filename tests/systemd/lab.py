@@ -13,10 +13,12 @@ import atexit
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 LAB_SH = Path(__file__).with_name("lab.sh")
+REPO = Path(__file__).resolve().parents[2]
 
 _OPEN: list[SystemdLab] = []
 
@@ -46,8 +48,16 @@ class SystemdLab:
         self.dir: str | None = None
 
     def start(self) -> SystemdLab:
+        # The lab has its own /tmp and /run: a checkout (or venv) there is bound in.
+        binds = sorted(
+            {
+                p
+                for p in (str(REPO), os.path.realpath(sys.prefix))
+                if p.startswith(("/tmp/", "/run/"))
+            }
+        )
         out = subprocess.run(
-            ["bash", str(LAB_SH), "start"], capture_output=True, text=True, timeout=120
+            ["bash", str(LAB_SH), "start", *binds], capture_output=True, text=True, timeout=120
         )
         if out.returncode != 0 or not out.stdout.strip():
             raise RuntimeError(f"lab.sh start failed ({out.returncode}): {out.stderr.strip()}")

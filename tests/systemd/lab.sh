@@ -5,7 +5,9 @@
 # overlay of this machine's "/" (so this checkout and its .venv are visible inside; writes go to a
 # tmpfs and vanish with the lab). Boots in about half a second.
 #
-#   lab.sh start            boot a lab and leave it running; prints its directory LAB on stdout
+#   lab.sh start [DIR...]   boot a lab and leave it running; prints its directory LAB on stdout.
+#                           Each DIR is bind-mounted read-only at the same path inside: needed for
+#                           a checkout under /tmp or /run, which the lab replaces with its own.
 #   lab.sh exec LAB CMD...  run CMD inside the lab (all its namespaces, its root, clean environment)
 #   lab.sh stop LAB         shut the lab down, remove everything it left (idempotent)
 #   lab.sh run CMD...       start, run CMD inside, stop; exits with CMD's status (for a manual look:
@@ -67,6 +69,12 @@ lab_start() {
     local lab; lab=$(mktemp -d "${LAB_TMPDIR:-/tmp}/simpletun-lab.XXXXXX")
     LAB=$lab
     mkdir "$lab/root" "$lab/rw"
+    local d
+    : > "$lab/binds"
+    for d in "$@"; do
+        [ -d "$d" ] && [ "${d#/}" != "$d" ] || die "not an absolute directory: $d"
+        printf '%s\n' "$d" >> "$lab/binds"
+    done
     local own; own=$(sed -n 's/^0:://p' /proc/self/cgroup); own=${own%/}
     local cg="$cgr$own/${lab##*/}"
     mkdir "$cg"; echo "$cg" > "$lab/cgroup"
@@ -204,6 +212,10 @@ stage_root() {
     mkdir -p "$R/var/log/journal"               # never write into (a copy-up of) the machine's journal
     mount -t tmpfs -o mode=2755,nosuid,nodev simpletun-lab-journal "$R/var/log/journal"
     chgrp systemd-journal "$R/var/log/journal" 2>/dev/null || true
+    local d
+    while read -r d; do
+        mkdir -p "$R$d"; mount --rbind "$d" "$R$d"; mount -o remount,bind,ro "$R$d"
+    done < "$lab/binds"
 
     tr -d - < /proc/sys/kernel/random/uuid > "$R/etc/machine-id"
     echo simpletun-lab > "$R/etc/hostname"
@@ -236,7 +248,7 @@ case ${1:-} in
     start)
         LAB=""
         trap 'rc=$?; trap - EXIT; [ -z "$LAB" ] || lab_stop "$LAB"; exit $rc' EXIT
-        lab_start; echo "$LAB"
+        shift; lab_start "$@"; echo "$LAB"
         trap - EXIT ;;
     exec)
         [ $# -ge 3 ] || die "usage: lab.sh exec LAB COMMAND [ARG...]"

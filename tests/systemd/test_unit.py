@@ -108,12 +108,21 @@ def test_exec_start_path_with_spaces_and_specials_verifies(tmp_path):
         unit.exec_path("/opt/new\nline/simpletun")
 
 
-def test_protect_home_is_read_only_for_an_installation_under_home():
+def test_installation_under_home_or_tmp_stays_visible(monkeypatch):
     assert unit._under_home("/root/simpletun/.venv/bin/simpletun")
     assert unit._under_home("/home/ann/st/.venv/bin/simpletun")
     assert not unit._under_home("/opt/simpletun/.venv/bin/simpletun")
     assert not unit._under_home("/homeless/simpletun")
-    assert "ProtectHome=read-only" in unit.render_unit(EXAMPLE_EXE, "read-only").splitlines()
+    for paths, want in (
+        (["/opt/st/.venv/bin/simpletun", "/usr/bin/python3.11"], ("yes", "yes")),
+        (["/root/st/.venv/bin/simpletun", "/usr/bin/python3.11"], ("read-only", "yes")),
+        (["/opt/st/.venv/bin/simpletun", "/tmp/ci/src/simpletun"], ("yes", "no")),
+    ):
+        monkeypatch.setattr(unit, "_program_paths", lambda exe, paths=paths: paths)
+        got = unit.placement_settings(paths[0])
+        assert (got["protect_home"], got["private_tmp"]) == want, paths
+    text = unit.render_unit(EXAMPLE_EXE, protect_home="read-only", private_tmp="no")
+    assert {"ProtectHome=read-only", "PrivateTmp=no"} <= set(text.splitlines())
 
 
 @pytest.mark.parametrize(
