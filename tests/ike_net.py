@@ -91,9 +91,7 @@ class Net:
         for _ in range(max_steps):
             if self.step():
                 continue
-            deadlines = [
-                d for n in self.nodes.values() if (d := n.ep.next_deadline()) is not None
-            ]
+            deadlines = [d for n in self.nodes.values() if (d := n.ep.next_deadline()) is not None]
             if not deadlines or until is None or min(deadlines) > until:
                 if until is not None:
                     self.now = max(self.now, until)
