@@ -23,8 +23,9 @@ ICV_LEN = 16
 KEY_PAD = b"Key Pad for IKEv2"
 
 
-def prf(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+def prf(key: bytes, data: bytes, digest=hashlib.sha256) -> bytes:
+    """PRF_HMAC_SHA2_256 (other HMAC digests only for known-answer tests)."""
+    return hmac.new(key, data, digest).digest()
 
 
 def prf_plus(key: bytes, seed: bytes, length: int, digest=hashlib.sha256) -> bytes:
@@ -143,12 +144,14 @@ class IkeKeys:
     pr: bytes
 
 
-def skeyseed(ni: bytes, nr: bytes, g_ir: bytes) -> bytes:
-    return prf(ni + nr, g_ir)
+def skeyseed(ni: bytes, nr: bytes, g_ir: bytes, digest=hashlib.sha256) -> bytes:
+    """SKEYSEED = prf(Ni | Nr, g^ir) (§2.14)."""
+    return prf(ni + nr, g_ir, digest)
 
 
-def rekey_skeyseed(old_sk_d: bytes, g_ir: bytes, ni: bytes, nr: bytes) -> bytes:
-    return prf(old_sk_d, g_ir + ni + nr)
+def rekey_skeyseed(old_sk_d: bytes, g_ir: bytes, ni: bytes, nr: bytes, digest=hashlib.sha256):
+    """SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr) (§2.18)."""
+    return prf(old_sk_d, g_ir + ni + nr, digest)
 
 
 def ike_keys(seed: bytes, suite: IkeSuite, ni, nr, spi_i, spi_r) -> IkeKeys:
