@@ -44,6 +44,60 @@ class Driver:
         self.children: dict[int, InstallChildSa] = {}
         self.esp_handler = None
         self.sent = 0
+        self.tun_fd: int | None = None
+        self.esp_in: dict = {}  # spi -> simpletun._core.SecurityAssociation
+        self.esp_out = None  # (SecurityAssociation, remote address)
+        self.esp_stats = {"tx": 0, "rx": 0, "rx_unknown_spi": 0, "rx_dropped": 0, "tx_no_sa": 0}
+
+    def attach_tun(self, fd: int) -> None:
+        """Carry IP packets between TUN ``fd`` and ESP-in-UDP with simpletun's Rust ESP core
+        (per-packet Python: a test harness, not the data plane)."""
+        self.tun_fd = fd
+        self.esp_handler = self._esp_in
+
+    def _install_esp(self, a: InstallChildSa) -> None:
+        from simpletun._core import SecurityAssociation
+
+        if self.tun_fd is None or a.encap is None:
+            return
+        # inbound first, then switch outbound (make before break)
+        self.esp_in[a.spi_in] = SecurityAssociation(a.spi_in, a.enc_in, a.auth_in)
+        self.esp_out = (SecurityAssociation(a.spi_out, a.enc_out, a.auth_out), a.encap[1])
+
+    def _remove_esp(self, a: RemoveChildSa) -> None:
+        self.esp_in.pop(a.spi_in, None)
+        if self.esp_out is not None and self.esp_out[0].spi == a.spi_out:
+            self.esp_out = None
+
+    def _esp_in(self, data: bytes, addr) -> None:
+        import os
+
+        sa = self.esp_in.get(int.from_bytes(data[:4], "big"))
+        if sa is None:
+            self.esp_stats["rx_unknown_spi"] += 1
+            return
+        try:
+            _nh, inner = sa.decap(data)
+        except Exception:
+            self.esp_stats["rx_dropped"] += 1
+            return
+        self.esp_stats["rx"] += 1
+        os.write(self.tun_fd, inner)
+
+    def _tun_out(self) -> None:
+        import os
+
+        while True:
+            try:
+                pkt = os.read(self.tun_fd, 65535)
+            except BlockingIOError:
+                return
+            if self.esp_out is None:
+                self.esp_stats["tx_no_sa"] += 1
+                continue
+            sa, remote = self.esp_out
+            self.socks[4500].sendto(sa.encap(pkt), remote)
+            self.esp_stats["tx"] += 1
 
     def close(self) -> None:
         for s in self.socks.values():
@@ -61,15 +115,21 @@ class Driver:
             self.events.append(a)
             if isinstance(a, InstallChildSa):
                 self.children[a.spi_in] = a
+                self._install_esp(a)
             elif isinstance(a, RemoveChildSa):
                 self.children.pop(a.spi_in, None)
+                self._remove_esp(a)
 
     def poll(self, timeout: float) -> None:
         dl = self.ep.next_deadline()
         if dl is not None:
             timeout = max(0.0, min(timeout, dl - self.now()))
-        r, _, _ = select.select(list(self.socks.values()), [], [], timeout)
+        fds = list(self.socks.values()) + ([self.tun_fd] if self.tun_fd is not None else [])
+        r, _, _ = select.select(fds, [], [], timeout)
         for s in r:
+            if s == self.tun_fd:
+                self._tun_out()
+                continue
             port = s.getsockname()[1]
             while True:
                 try:
@@ -114,3 +174,17 @@ class Driver:
 
     def failures(self) -> list[ChildSaFailed]:
         return self.of(ChildSaFailed)
+
+
+def open_tun(ns: str, name: str) -> int:
+    """A TUN device (IFF_TUN | IFF_NO_PI, non-blocking) created inside namespace ``ns``."""
+    import fcntl
+    import os
+    import struct
+
+    def make():
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", name.encode(), 0x0001 | 0x1000))
+        return fd
+
+    return run_in_netns(ns, make)

@@ -313,3 +313,56 @@ def test_unknown_ed25519_key_refused(pair):
     p.drv.run_until(p.drv.downs, 10, "the refusal")
     assert "AUTHENTICATION_FAILED" in p.drv.downs()[0].reason
     assert "N(AUTH_FAILED)" in p.charon.log()
+
+
+def _ping_proc(lab, count: int, interval: float):
+    import subprocess
+
+    return subprocess.Popen(
+        ["ip", "netns", "exec", lab.ns_a, "ping", "-n", "-q", "-c", str(count), "-i",
+         str(interval), "-W", "2", "-I", "10.78.1.1", "10.78.2.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("we_initiate", [True, False], ids=["we-initiate", "charon-initiates"])
+def test_ping_over_esp_in_udp_across_rekeys(pair, lab, we_initiate):
+    """Real traffic: ping from A's TUN through simpletun's ESP core (UDP 4500) to charon's
+    libipsec and back, while the Child SA is rekeyed by us and then by charon."""
+    import os
+
+    from netns.lab import parse_ping
+
+    from .driver import open_tun
+
+    p = pair(we_initiate=we_initiate, esp="aes128-sha256-x25519")
+    fd = open_tun(lab.ns_a, "iketun0")
+    try:
+        for argv in (
+            ["ip", "addr", "add", "10.78.1.1/24", "dev", "iketun0"],
+            ["ip", "link", "set", "iketun0", "mtu", "1400", "up"],
+            ["ip", "route", "add", "10.78.2.0/24", "dev", "iketun0"],
+        ):
+            lab.run(lab.ns_a, argv)
+        p.drv.attach_tun(fd)
+        sa = p.up()
+        first = next(iter(p.drv.children.values()))
+        proc = _ping_proc(lab, 60, 0.05)
+        p.drv.run_for(1.0)
+        p.drv.handle(p.ep.rekey_child(sa, first.spi_in, p.drv.now()))
+        p.drv.run_until(lambda: first.spi_in not in p.drv.children, 5, "our rekey")
+        second = next(iter(p.drv.children.values()))
+        p.drv.run_for(0.5)
+        p.charon.swanctl("--rekey", "--child", "net")
+        p.drv.run_until(lambda: second.spi_in not in p.drv.children, 5, "charon's rekey")
+        p.drv.run_until(lambda: proc.poll() is not None, 10, "ping to finish")
+        sent, received, _ = parse_ping(proc.stdout.read())
+        assert sent == 60 and received == 60, (sent, received, p.drv.esp_stats)
+        st = p.drv.esp_stats
+        assert st["tx"] >= 60 and st["rx"] >= 60 and st["rx_dropped"] == 0
+        sas = p.charon.list_sas()
+        (third,) = p.drv.children.values()
+        assert_installed(p.charon, third)
+        assert re.search(r"in  [0-9a-f]{8},\s+\d+ bytes,\s+[1-9]\d* packets", sas), sas
+    finally:
+        os.close(fd)
