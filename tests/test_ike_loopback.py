@@ -279,6 +279,25 @@ def test_half_open_flood_costs_no_state_beyond_the_threshold():
     assert ep.stats["cookie_sent"] == 495
 
 
+def test_nat_traversal_and_keepalives():
+    # the initiator believes it is 10.0.0.99 (a NAT rewrote it to 192.0.2.1): both NAT-D checks
+    # then see the NAT, the IKE SA floats to port 4500 with the non-ESP marker, ESP goes in UDP
+    net, a, b, ini = setup(i_local_addr="10.0.0.99")
+    sa = up(net, a, ini)
+    x, y = assert_pair(a, b)
+    assert x.encap == (4500, (R_IP, 4500)) and y.encap == (4500, (I_IP, 4500))
+    assert a.ups()[0].udp_encap and b.ups()[0].udp_encap
+    auth = [d for s, dst, d in net.wire if dst[1] == 4500]
+    assert auth and all(d[:4] == c.NON_ESP_MARKER for d in auth)
+    assert m.parse_message(auth[0][4:]).exchange == c.IKE_AUTH
+    # idle: the side behind the NAT sends 0xFF keepalives every 20 s; the other counts them
+    net.run(until=net.now + 65)
+    assert a.ep.stats["nat_keepalive_sent"] == 3 and b.ep.stats["nat_keepalive"] == 3
+    assert b.ep.stats["nat_keepalive_sent"] == 0
+    net.call(a, a.ep.rekey_child(sa, x.spi_in, net.now))
+    assert assert_pair(a, b)[0].encap == (4500, (R_IP, 4500))
+
+
 def test_traffic_selector_narrowing():
     net, a, b, ini = setup(i_local_ts=["10.1.0.0/16"], i_remote_ts=["10.2.0.0/16"])
     up(net, a, ini)

@@ -229,6 +229,8 @@ class IkeSa:
         self.local_ip = "0.0.0.0"
         self.local_port = c.IKE_PORT
         self.natt = False
+        self.local_nat = False  # we are behind a NAT: send NAT keepalives (RFC 3948 §4)
+        self.last_sent = 0.0
         self.next_out_id = 0
         self.next_in_id = 0
         self.outstanding: Outstanding | None = None
@@ -269,6 +271,7 @@ class IkeSa:
         return (k.er, k.ar) if self.initiator else (k.ei, k.ai)
 
     def frame(self, msg: bytes) -> Send:
+        self.last_sent = self.ep.now
         data = c.NON_ESP_MARKER + msg if self.local_port == c.NATT_PORT else msg
         return Send(data, self.local_port, self.remote)
 
@@ -400,6 +403,7 @@ class Endpoint:
         cookie_threshold: int = 10,
         max_half_open: int = 1000,
         half_open_timeout: float = 30.0,
+        keepalive_interval: float = 20.0,
         rng: random.Random | None = None,
     ):
         self.peers = list(peers)
@@ -407,6 +411,8 @@ class Endpoint:
         self.cookie_threshold = cookie_threshold
         self.max_half_open = max_half_open
         self.half_open_timeout = half_open_timeout
+        self.keepalive_interval = keepalive_interval
+        self.now = 0.0  # time of the call being handled
         self.sas: dict[bytes, IkeSa] = {}
         self.by_init: dict[tuple[bytes, tuple], bytes] = {}  # (SPIi, remote) -> our SPI
         self.half_open = 0
@@ -459,6 +465,7 @@ class Endpoint:
     # ---------------------------------------------------------------- public API
 
     def initiate(self, peer: PeerConfig, now: float) -> list:
+        self.now = now
         if peer.remote_addr is None:
             raise ValueError(f"peer {peer.name} has no remote address to initiate to")
         sa = IkeSa(self, True, self._new_spi8(), peer)
@@ -472,6 +479,7 @@ class Endpoint:
         return self._take()
 
     def receive(self, data: bytes, local: tuple[str, int], remote: tuple[str, int], now: float):
+        self.now = now
         try:
             self._receive(bytes(data), local, remote, now)
         except Exception:  # a bug must not take the daemon down: count it, log it
@@ -480,6 +488,7 @@ class Endpoint:
         return self._take()
 
     def tick(self, now: float) -> list:
+        self.now = now
         for sa in list(self.sas.values()):
             try:
                 self._tick_sa(sa, now)
@@ -533,6 +542,8 @@ class Endpoint:
         if sa.state == ESTABLISHED and sa.outstanding is None:
             if sa.peer and sa.peer.dpd_delay:
                 yield sa.last_recv + sa.peer.dpd_delay
+            if sa.local_nat and sa.natt:
+                yield sa.last_sent + self.keepalive_interval
             if sa.rekey_at is not None and sa.replaced_by is None:
                 yield sa.rekey_at
             for ch in sa.children.values():
@@ -576,6 +587,11 @@ class Endpoint:
                 return
         if p.dpd_delay and now >= sa.last_recv + p.dpd_delay:
             self._queue(sa, lambda t: self._req_dpd(sa, t), now)
+            return
+        if sa.local_nat and sa.natt and now >= sa.last_sent + self.keepalive_interval:
+            sa.last_sent = now
+            self.count("nat_keepalive_sent")
+            self._emit(Send(b"\xff", c.NATT_PORT, sa.remote))
 
     def _soft(self, base: float | None, now: float, rand: float) -> float | None:
         if base is None:
@@ -585,6 +601,7 @@ class Endpoint:
     # ---------------------------------------------------------------- requests of ours
 
     def _queue(self, sa: IkeSa, fn, now: float) -> None:
+        self.now = now
         if sa.state == DEAD:
             return
         sa.queue.append(fn)
@@ -658,6 +675,7 @@ class Endpoint:
         want_dst = cr.natd_hash(msg.spi_i, msg.spi_r, lip, local[1])
         remote_nat = all(s.data != want_src for s in srcs)
         local_nat = dst.data != want_dst
+        sa.local_nat = local_nat
         if remote_nat:
             log.debug("remote host is behind NAT")
         if local_nat:
@@ -871,6 +889,7 @@ class Endpoint:
             old.remote, old.local_ip, old.local_port, old.natt,
         )  # fmt: skip
         new.remote_id = old.remote_id
+        new.local_nat = old.local_nat
         new.created = new.last_recv = now
         new.rekey_at = self._soft(old.peer.ike_rekey_time, now, old.peer.rand_time)
         new.children = old.children
