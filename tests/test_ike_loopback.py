@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import random
 import tracemalloc
 
 import pytest
@@ -277,6 +278,23 @@ def test_half_open_flood_costs_no_state_beyond_the_threshold():
         ep.receive(send.data, (R_IP, 500), (f"198.51.100.{i % 250}", 500), 0.0)
     assert ep.half_open == 5 and len(ep.sas) == 5
     assert ep.stats["cookie_sent"] == 495
+
+
+def test_simultaneous_child_rekeys_are_retried():
+    net, a, b, ini = setup()
+    a.ep._rng, b.ep._rng = random.Random(1), random.Random(2)  # distinct retry delays
+    sa_a = up(net, a, ini)
+    sa_b = b.ep.find("i")[0]
+    spi_a, spi_b = next(iter(a.children)), next(iter(b.children))
+    # both ends start a rekey of the same Child SA before either request arrives
+    net.handle(a, a.ep.rekey_child(sa_a, spi_a, net.now))
+    net.handle(b, b.ep.rekey_child(sa_b, spi_b, net.now))
+    net.run(until=net.now + 10)
+    assert a.ep.stats["internal_error"] == 0 and b.ep.stats["internal_error"] == 0
+    assert a.ep.stats["request_in_wrong_state"] == 0
+    assert spi_a not in a.children and spi_b not in b.children  # the old one was replaced
+    assert_pair(a, b)
+    assert a.ep.find("r") and b.ep.find("i")
 
 
 def test_nat_traversal_and_keepalives():

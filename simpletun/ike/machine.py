@@ -765,6 +765,8 @@ class Endpoint:
             ch = self._child_from_response(sa, msg, new_spi, ni, dh, t, rekey_of=old)
             if ch is None:
                 self.child_spis.discard(new_spi)
+                if c.N_TEMPORARY_FAILURE in msg.notifies():  # a collision: try again soon
+                    old.rekey_at = t + self._rng.uniform(1.0, 3.0)
                 return
             self._queue(sa, lambda t2: self._req_delete_child(sa, spi_in, t2, "rekeyed"), t)
 
@@ -857,6 +859,8 @@ class Endpoint:
             if any(n < 16384 for n in msg.notifies()):
                 names = ", ".join(c.NOTIFY_NAMES.get(n, str(n)) for n in msg.notifies())
                 log.info("IKE SA %s: peer declined the rekey (%s)", sa.name, names)
+                if c.N_TEMPORARY_FAILURE in msg.notifies():  # a collision: try again soon
+                    sa.rekey_at = t + self._rng.uniform(1.0, 3.0)
                 return
             sa_pl, nonce, ke = msg.get(c.PL_SA), msg.get(c.PL_NONCE), msg.get(c.PL_KE)
             if sa_pl is None or nonce is None or ke is None or len(sa_pl.proposals) != 1:
