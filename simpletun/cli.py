@@ -24,6 +24,7 @@ Usage:
   {PROG} -i IFNAME -s [-p PORT] [-u|-a] [-d] [options]
   {PROG} -i IFNAME -c HOST [-p PORT] [-u|-a] [-d] [options]
   {PROG} genkey > KEYFILE
+  {PROG} pubkey < KEYFILE
   {PROG} -h
 
   -i IFNAME        tunnel device to use, created if missing (required)
@@ -42,6 +43,7 @@ Usage:
   --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU})
 
   genkey           write a new random key to stdout; with '> FILE' the file is made mode 0600
+  pubkey           print the Ed25519 public key of a genkey file (for IKEv2 signatures)
 """
 
 GENKEY_USAGE = f"""\
@@ -294,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "genkey":
         return genkey(argv[1:])
+    if argv and argv[0] == "pubkey":
+        from simpletun.ike.keys import pubkey_main
+
+        return pubkey_main(argv[1:])
     try:
         parsed = parse_args(argv)
     except (UsageError, ConfigError) as e:
