@@ -425,3 +425,33 @@ def test_1000_initiators_bounded_memory():
         net.handle(node, node.ep.delete_ike(sa, net.now))
     net.run()
     assert not b.ep.sas and not b.children and not b.ep.by_init
+
+
+def test_forged_old_message_id_gets_no_answer():
+    net, a, b, ini = setup()
+    up(net, a, ini)
+    (req,) = [d for _, dst, d in net.wire if dst[0] == R_IP and d[18] == c.IKE_AUTH]
+    forged = bytearray(req)
+    forged[-1] ^= 1
+    assert b.ep.receive(bytes(forged), (R_IP, 500), (I_IP, 500), net.now) == []
+    assert b.ep.stats["old_message_id"] == 1
+    (again,) = b.ep.receive(req, (R_IP, 500), (I_IP, 500), net.now)
+    assert m.parse_message(again.data).exchange == c.IKE_AUTH  # the genuine one is answered
+
+
+@pytest.mark.parametrize("esn", [False, True])
+def test_negotiated_keys_carry_esp_through_the_rust_core(esn):
+    """The Child SAs both ends install, fed to simpletun's Rust ESP core, carry packets both
+    ways (ESN too, which libipsec lacks, so it is tested here)."""
+    from simpletun import SecurityAssociation
+
+    net, a, b, ini = setup(child_suites=(cr.ChildSuite(256, esn),))
+    up(net, a, ini)
+    x, y = assert_pair(a, b)
+    ping = bytes.fromhex("4500001c00004000400100000a0100010a020001") + b"\x08" + bytes(7)
+    for src, dst in ((x, y), (y, x)):
+        tx = SecurityAssociation(src.spi_out, src.enc_out, src.auth_out, esn=esn)
+        rx = SecurityAssociation(dst.spi_in, dst.enc_in, dst.auth_in, esn=esn)
+        for _ in range(3):
+            assert rx.decap(tx.encap(ping)) == (4, ping)
+        assert rx.stats["decap_packets"] == 3 and rx.esn == esn

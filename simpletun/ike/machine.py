@@ -235,7 +235,8 @@ class IkeSa:
         self.next_in_id = 0
         self.outstanding: Outstanding | None = None
         self.queue: list[Callable[[float], None]] = []
-        self.last_response: tuple[int, bytes] | None = None
+        # (message ID, the request as received, our response): for retransmitted requests
+        self.last_response: tuple[int, bytes, bytes] | None = None
         self.children: dict[int, ChildSa] = {}
         self.created = 0.0
         self.last_recv = 0.0
@@ -1249,8 +1250,12 @@ class Endpoint:
 
     def _handle_request(self, sa: IkeSa, msg: m.Message, local, remote, now) -> None:
         if sa.last_response is not None and msg.msg_id == sa.last_response[0]:
-            self.count("request_retransmit_answered")
-            self._emit(sa.frame(sa.last_response[1]))
+            # only a byte-identical retransmission gets the cached response (no decryption)
+            if msg.raw == sa.last_response[1]:
+                self.count("request_retransmit_answered")
+                self._emit(sa.frame(sa.last_response[2]))
+            else:
+                self.count("old_message_id")
             return
         if msg.msg_id != sa.next_in_id:
             self.count("invalid_message_id")
@@ -1277,7 +1282,7 @@ class Endpoint:
 
     def _respond(self, sa: IkeSa, msg: m.Message, payloads: list) -> None:
         raw = sa.encrypt(msg.exchange, msg.msg_id, True, payloads)
-        sa.last_response = (msg.msg_id, raw)
+        sa.last_response = (msg.msg_id, msg.raw, raw)
         sa.next_in_id = msg.msg_id + 1
         self._emit(sa.frame(raw))
 
