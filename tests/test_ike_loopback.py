@@ -455,3 +455,18 @@ def test_negotiated_keys_carry_esp_through_the_rust_core(esn):
         for _ in range(3):
             assert rx.decap(tx.encap(ping)) == (4, ping)
         assert rx.stats["decap_packets"] == 3 and rx.esn == esn
+
+
+def test_failed_authentications_are_rate_limited_in_the_log(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="simpletun.ike")
+    net, a, b, ini = setup(i_psk=b"a-different-psk-0123456789abcdef")
+    for _ in range(20):
+        net.call(a, a.ep.initiate(ini, net.now))
+    assert len(b.downs()) == 20  # every event still reaches the caller
+    lines = [r.getMessage() for r in caplog.records if r.name == "simpletun.ike"]
+    responder_lines = [x for x in lines if "PSK MAC does not verify" in x]
+    assert len(responder_lines) == 5
+    assert sum("further such messages from 192.0.2.1 suppressed" in x for x in lines) == 1
+    assert b.ep._log_limit.suppressed == 15

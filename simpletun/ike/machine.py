@@ -279,7 +279,7 @@ class IkeSa:
     def encrypt(self, exchange: int, msg_id: int, response: bool, payloads: list) -> bytes:
         flags = (c.FLAG_INITIATOR if self.initiator else 0) | (c.FLAG_RESPONSE if response else 0)
         msg = m.Message(self.spi_i, self.spi_r, exchange, flags, msg_id, inner=payloads)
-        log.debug("generating %s", msg.summary())
+        log.debug("generating %s", _Summary(msg))
         first, chain = m.encode_chain(payloads)
         ivl, icvl = cr.sk_overhead(self.suite)
         if self.suite.aead:
@@ -314,6 +314,18 @@ class IkeSa:
             msg.parse_error = e  # type: ignore[attr-defined]
             return False
         return True
+
+
+class _Summary:
+    """Formats a message's summary only if the debug line is actually emitted."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: m.Message):
+        self.msg = msg
+
+    def __str__(self) -> str:
+        return self.msg.summary()
 
 
 def _rand_spi4(used) -> int:
@@ -395,6 +407,30 @@ def select_esp(proposals: list[m.Proposal], suites, with_dh: bool):
 # ------------------------------------------------------------------------------ endpoint
 
 
+class LogLimiter:
+    """At most ``burst`` log lines per source address per ``period`` seconds for events that
+    unauthenticated input can trigger; memory bounded by ``max_sources``."""
+
+    def __init__(self, burst: int = 5, period: float = 60.0, max_sources: int = 4096):
+        self.burst, self.period, self.max_sources = burst, period, max_sources
+        self._seen: dict[str, tuple[float, int]] = {}
+        self.suppressed = 0
+
+    def allow(self, source: str, now: float) -> bool:
+        start, n = self._seen.get(source, (now, 0))
+        if now - start >= self.period:
+            start, n = now, 0
+        if n >= self.burst:
+            self.suppressed += 1
+            return False
+        if len(self._seen) >= self.max_sources and source not in self._seen:
+            self._seen.clear()
+        self._seen[source] = (start, n + 1)
+        if n + 1 == self.burst:
+            log.info("further such messages from %s suppressed for %.0f s", source, self.period)
+        return True
+
+
 class Endpoint:
     def __init__(
         self,
@@ -414,6 +450,7 @@ class Endpoint:
         self.half_open_timeout = half_open_timeout
         self.keepalive_interval = keepalive_interval
         self.now = 0.0  # time of the call being handled
+        self._log_limit = LogLimiter()
         self.sas: dict[bytes, IkeSa] = {}
         self.by_init: dict[tuple[bytes, tuple], bytes] = {}  # (SPIi, remote) -> our SPI
         self.half_open = 0
@@ -427,8 +464,10 @@ class Endpoint:
     def count(self, reason: str) -> None:
         self.stats[reason] += 1
 
-    def _emit(self, action) -> None:
-        if isinstance(action, IkeSaUp):
+    def _emit(self, action, quiet: bool = False) -> None:
+        if quiet:
+            pass
+        elif isinstance(action, IkeSaUp):
             log.info(
                 "IKE SA %s with %s (%s) established, %s%s",
                 action.sa, action.peer, action.remote_id, action.suite,
@@ -639,7 +678,7 @@ class Endpoint:
             )
         msg = m.Message(sa.our_spi, bytes(8), c.IKE_SA_INIT, c.FLAG_INITIATOR, 0, payloads)
         raw = m.encode_message(msg)
-        log.debug("generating %s", msg.summary())
+        log.debug("generating %s", _Summary(msg))
         sa.init_req = raw
         sa.next_out_id = 1
         sa.outstanding = Outstanding(
@@ -935,7 +974,7 @@ class Endpoint:
             if msg.spi_r != bytes(8):
                 self.count("init_with_spi_r")
                 return
-            log.debug("parsed %s", msg.summary())
+            log.debug("parsed %s", _Summary(msg))
             self._respond_init(msg, local, remote, now)
             return
         our = msg.spi_r if msg.from_initiator else msg.spi_i
@@ -964,7 +1003,7 @@ class Endpoint:
         msg_id = struct.unpack_from("!I", data, 20)[0]
         exch = data[18]
         reply = m.Message(spi_i, bytes(8), exch, c.FLAG_RESPONSE, msg_id, [m.Notify(notify, ndata)])
-        log.debug("generating %s", reply.summary())
+        log.debug("generating %s", _Summary(reply))
         raw = m.encode_message(reply)
         if local[1] == c.NATT_PORT:
             raw = c.NON_ESP_MARKER + raw
@@ -981,7 +1020,7 @@ class Endpoint:
     def _respond_init(self, msg: m.Message, local, remote, now: float) -> None:
         def reply(payloads, spi_r=bytes(8)):
             r = m.Message(msg.spi_i, spi_r, c.IKE_SA_INIT, c.FLAG_RESPONSE, 0, payloads)
-            log.debug("generating %s", r.summary())
+            log.debug("generating %s", _Summary(r))
             raw = m.encode_message(r)
             self._emit(Send(c.NON_ESP_MARKER + raw if local[1] == c.NATT_PORT else raw,
                             local[1], remote))  # fmt: skip
@@ -1025,10 +1064,11 @@ class Endpoint:
         prop, suite = select_ike(sa_pl.proposals, self.responder_suites, 0)
         if prop is None:
             self.count("no_proposal_chosen")
-            log.info(
-                "no acceptable IKE proposal from %s: received %s", remote[0],
-                ", ".join(p.describe() for p in sa_pl.proposals),
-            )  # fmt: skip
+            if self._log_limit.allow(remote[0], now):
+                log.info(
+                    "no acceptable IKE proposal from %s: received %s", remote[0],
+                    ", ".join(p.describe() for p in sa_pl.proposals),
+                )  # fmt: skip
             reply([m.Notify(c.N_NO_PROPOSAL_CHOSEN)])
             return
         if ke.group != suite.dh:
@@ -1095,7 +1135,7 @@ class Endpoint:
         if sa.state != INIT_SENT or not msg.is_response or msg.msg_id != 0:
             self.count("unexpected_init_response")
             return
-        log.debug("parsed %s", msg.summary())
+        log.debug("parsed %s", _Summary(msg))
         ns = msg.notifies()
         if c.N_COOKIE in ns:
             cookie = ns[c.N_COOKIE].data
@@ -1231,7 +1271,7 @@ class Endpoint:
             return
         if not sa.decrypt(msg):
             return
-        log.debug("parsed %s", msg.summary())
+        log.debug("parsed %s", _Summary(msg))
         sa.outstanding = None
         sa.last_recv = now
         self._float(sa, local, remote)
@@ -1265,7 +1305,7 @@ class Endpoint:
             if err is not None:  # authentic but malformed: tell the peer
                 self._respond(sa, msg, [m.Notify(err.notify, err.data)])
             return
-        log.debug("parsed %s", msg.summary())
+        log.debug("parsed %s", _Summary(msg))
         sa.last_recv = now
         self._float(sa, local, remote)
         if msg.exchange == c.IKE_AUTH and sa.state == HALF_OPEN:
@@ -1489,7 +1529,10 @@ class Endpoint:
         sa.children.clear()
         self.sas.pop(sa.our_spi, None)
         peer = sa.peer.name if sa.peer else "?"
+        # failures of SAs a remote host opened but never completed: rate-limited log lines
+        unproven = not sa.initiator and sa.keys is not None and sa.remote_id == ""
+        quiet = unproven and not self._log_limit.allow(sa.remote[0], self.now)
         if sa.replaced_by is None:
-            self._emit(IkeSaDown(sa.name, peer, reason))
+            self._emit(IkeSaDown(sa.name, peer, reason), quiet)
         else:
             log.info("old IKE SA %s of %s removed: %s", sa.name, peer, reason)
