@@ -470,3 +470,18 @@ def test_failed_authentications_are_rate_limited_in_the_log(caplog):
     assert len(responder_lines) == 5
     assert sum("further such messages from 192.0.2.1 suppressed" in x for x in lines) == 1
     assert b.ep._log_limit.suppressed == 15
+
+
+def test_hard_lifetime_without_rekey():
+    # the peer never answers the rekey: at the hard lifetime the Child SA goes all the same
+    net, a, b, ini = setup(i_child_rekey_time=100.0, i_child_life_time=150.0,
+                           i_retransmit_tries=10)  # fmt: skip
+    start = net.now
+    up(net, a, ini)
+    (spi,) = a.children
+    net.drop = lambda src, dst, data: src == I_IP and data[18] == c.CREATE_CHILD_SA
+    net.run(until=start + 149)
+    assert spi in a.children and a.ep.stats["retransmitted"] >= 3  # rekey pending
+    net.run(until=start + 151)
+    assert spi not in a.children and a.removes()[-1].reason == "hard lifetime expired"
+    assert not a.downs()

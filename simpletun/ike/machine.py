@@ -92,6 +92,7 @@ class PeerConfig:
     remote_addr: tuple[str, int] | None = None  # initiator: where to send IKE_SA_INIT
     local_addr: str | None = None
     child_rekey_time: float | None = None  # soft lifetimes; None: only on request
+    child_life_time: float | None = None  # hard; default 110 % of child_rekey_time
     ike_rekey_time: float | None = None
     rand_time: float = 0.0  # rekeys happen up to this many seconds early (random)
     dpd_delay: float | None = None
@@ -179,6 +180,7 @@ class ChildSa:
     created: float
     rekey_at: float | None = None
     rekeying: bool = False
+    expires_at: float | None = None  # hard lifetime
 
 
 @dataclass
@@ -579,6 +581,9 @@ class Endpoint:
             yield sa.outstanding.next_at
         if sa.expires is not None:
             yield sa.expires
+        for ch in sa.children.values():
+            if ch.expires_at is not None:
+                yield ch.expires_at
         if sa.state == ESTABLISHED and sa.outstanding is None:
             if sa.peer and sa.peer.dpd_delay:
                 yield sa.last_recv + sa.peer.dpd_delay
@@ -596,6 +601,9 @@ class Endpoint:
         if sa.expires is not None and now >= sa.expires:
             self._kill(sa, "half-open IKE SA timed out" if sa.state == HALF_OPEN else "expired")
             return
+        for ch in list(sa.children.values()):
+            if ch.expires_at is not None and now >= ch.expires_at:
+                self._expire_child(sa, ch, now)
         o = sa.outstanding
         if o is not None and now >= o.next_at:
             if o.tries >= sa.peer.retransmit_tries:
@@ -632,6 +640,20 @@ class Endpoint:
             sa.last_sent = now
             self.count("nat_keepalive_sent")
             self._emit(Send(b"\xff", c.NATT_PORT, sa.remote))
+
+    def _expire_child(self, sa: IkeSa, ch: ChildSa, now: float) -> None:
+        """Hard lifetime reached without a rekey: remove it now, then tell the peer."""
+        sa.children.pop(ch.spi_in, None)
+        self.child_spis.discard(ch.spi_in)
+        self._emit(RemoveChildSa(sa.name, ch.spi_in, ch.spi_out, "hard lifetime expired"))
+        spi = struct.pack("!I", ch.spi_in)
+        self._queue(
+            sa,
+            lambda t: self._request(
+                sa, c.INFORMATIONAL, [m.Delete(c.PROTO_ESP, [spi])], lambda msg, t2: None, t
+            ),
+            now,
+        )
 
     def _soft(self, base: float | None, now: float, rand: float) -> float | None:
         if base is None:
@@ -864,6 +886,10 @@ class Endpoint:
         p = sa.peer
         ch = ChildSa(spi_in, spi_out, suite, lts, rts, now)
         ch.rekey_at = self._soft(p.child_rekey_time, now, p.rand_time)
+        life = p.child_life_time
+        if life is None and p.child_rekey_time is not None:
+            life = 1.1 * p.child_rekey_time
+        ch.expires_at = now + life if life is not None else None
         sa.children[spi_in] = ch
         self.child_spis.add(spi_in)
         encap = (sa.local_port, sa.remote) if sa.natt else None
