@@ -336,7 +336,8 @@ def _ping_proc(lab, count: int, interval: float):
 @pytest.mark.parametrize("we_initiate", [True, False], ids=["we-initiate", "charon-initiates"])
 def test_ping_over_esp_in_udp_across_rekeys(pair, lab, we_initiate):
     """Real traffic: ping from A's TUN through simpletun's ESP core (UDP 4500) to charon's
-    libipsec and back, while the Child SA is rekeyed by us and then by charon."""
+    libipsec and back, while the Child SA is rekeyed by us and then by charon, and then the
+    IKE SA by us and by charon: no reply lost."""
     import os
 
     from netns.lab import parse_ping
@@ -355,7 +356,7 @@ def test_ping_over_esp_in_udp_across_rekeys(pair, lab, we_initiate):
         p.drv.attach_tun(fd)
         sa = p.up()
         first = next(iter(p.drv.children.values()))
-        proc = _ping_proc(lab, 60, 0.05)
+        proc = _ping_proc(lab, 120, 0.05)
         p.drv.run_for(1.0)
         p.drv.handle(p.ep.rekey_child(sa, first.spi_in, p.drv.now()))
         p.drv.run_until(lambda: first.spi_in not in p.drv.children, 5, "our rekey")
@@ -363,11 +364,21 @@ def test_ping_over_esp_in_udp_across_rekeys(pair, lab, we_initiate):
         p.drv.run_for(0.5)
         p.charon.swanctl("--rekey", "--child", "net")
         p.drv.run_until(lambda: second.spi_in not in p.drv.children, 5, "charon's rekey")
-        p.drv.run_until(lambda: proc.poll() is not None, 10, "ping to finish")
+        # IKE SA rekeys by each side: the Child SA moves to the new IKE SA, traffic goes on
+        p.drv.run_for(0.3)
+        p.drv.handle(p.ep.rekey_ike(sa, p.drv.now()))
+        p.drv.run_until(lambda: sa.our_spi not in p.ep.sas, 5, "our IKE rekey")
+        (sa2,) = p.ep.find("charon")
+        p.drv.run_for(0.3)
+        p.charon.swanctl("--rekey", "--ike", "peer")
+        p.drv.run_until(lambda: sa2.our_spi not in p.ep.sas, 5, "charon's IKE rekey")
+        assert proc.poll() is None  # all four rekeys happened while the ping ran
+        p.drv.run_until(lambda: proc.poll() is not None, 15, "ping to finish")
         sent, received, _ = parse_ping(proc.stdout.read())
-        assert sent == 60 and received == 60, (sent, received, p.drv.esp_stats)
+        assert sent == 120 and received == 120, (sent, received, p.drv.esp_stats)
+        assert len(p.drv.rekeys()) == 2 and not p.drv.downs()
         st = p.drv.esp_stats
-        assert st["tx"] >= 60 and st["rx"] >= 60 and st["rx_dropped"] == 0
+        assert st["tx"] >= 120 and st["rx"] >= 120 and st["rx_dropped"] == 0
         sas = p.charon.list_sas()
         (third,) = p.drv.children.values()
         assert_installed(p.charon, third)
