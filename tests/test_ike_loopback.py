@@ -127,6 +127,8 @@ def test_rekeys_dpd_delete(side):
         assert_pair(a, b)
         new = me.children[next(iter(me.children))]
         assert new.spi_in != spi and new.rekey_of == spi and new.suite.dh == c.DH_CURVE25519
+        # who switches outbound at once (the exchange's initiator) and who waits
+        assert new.initiator and not other.installs()[-1].initiator
     for _ in range(2):
         sa = me.ep.find(name)[0]
         net.call(me, me.ep.rekey_ike(sa, net.now))

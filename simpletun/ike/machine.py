@@ -151,6 +151,11 @@ class InstallChildSa:
     remote_ts: list = field(default_factory=list)
     encap: tuple | None = None  # (local_port, (remote ip, remote port)) for ESP-in-UDP
     rekey_of: int | None = None  # spi_in of the Child SA this one replaces
+    # we initiated the exchange that made it. For a rekey: the initiator switches outbound
+    # traffic to the new SA at once; the responder installs the new inbound SA at once but
+    # keeps sending on the old one until that is deleted (RFC 7296 §2.8), so that no packet
+    # reaches the initiator before it has the new inbound SA
+    initiator: bool = True
 
 
 @dataclass
@@ -907,6 +912,7 @@ class Endpoint:
                 rts,
                 encap,
                 rekey_of.spi_in if rekey_of else None,
+                we_init,
             )  # fmt: skip
         )
         return ch

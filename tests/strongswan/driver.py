@@ -47,6 +47,7 @@ class Driver:
         self.tun_fd: int | None = None
         self.esp_in: dict = {}  # spi -> simpletun._core.SecurityAssociation
         self.esp_out = None  # (SecurityAssociation, remote address)
+        self.pending_out: dict = {}  # old spi_in -> outbound SA to switch to when it goes
         self.esp_stats = {"tx": 0, "rx": 0, "rx_unknown_spi": 0, "rx_dropped": 0, "tx_no_sa": 0}
 
     def attach_tun(self, fd: int) -> None:
@@ -60,13 +61,21 @@ class Driver:
 
         if self.tun_fd is None or a.encap is None:
             return
-        # inbound first, then switch outbound (make before break)
+        # inbound first, then outbound: at once if we initiated the exchange, else (the peer's
+        # rekey) once the old SA is deleted
         self.esp_in[a.spi_in] = SecurityAssociation(a.spi_in, a.enc_in, a.auth_in)
-        self.esp_out = (SecurityAssociation(a.spi_out, a.enc_out, a.auth_out), a.encap[1])
+        out = (SecurityAssociation(a.spi_out, a.enc_out, a.auth_out), a.encap[1])
+        if a.initiator or a.rekey_of is None or self.esp_out is None:
+            self.esp_out = out
+        else:
+            self.pending_out[a.rekey_of] = out
 
     def _remove_esp(self, a: RemoveChildSa) -> None:
         self.esp_in.pop(a.spi_in, None)
-        if self.esp_out is not None and self.esp_out[0].spi == a.spi_out:
+        pending = self.pending_out.pop(a.spi_in, None)
+        if pending is not None:
+            self.esp_out = pending
+        elif self.esp_out is not None and self.esp_out[0].spi == a.spi_out:
             self.esp_out = None
 
     def _esp_in(self, data: bytes, addr) -> None:
