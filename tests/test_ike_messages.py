@@ -249,3 +249,13 @@ def test_fuzz_mutated_init(mutations):
     for r in replies(respond(ep, bytes(t))):
         assert r.is_response
     assert ep.stats["internal_error"] == 0 and len(ep.sas) <= 1
+
+
+def test_reserved_esp_spi_is_not_chosen():
+    from simpletun.ike import crypto as cr
+    from simpletun.ike.machine import _esp_proposal, select_esp
+
+    suites = (cr.ChildSuite(128, False),)
+    for spi, ok in ((0, False), (255, False), (256, True)):
+        prop, _ = select_esp([_esp_proposal(1, suites[0], spi)], suites, False)
+        assert (prop is not None) == ok, spi

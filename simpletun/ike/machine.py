@@ -374,7 +374,7 @@ def _has(p: m.Proposal, ttype: int, tid: int, keylen: int | None = None) -> bool
 def select_ike(proposals: list[m.Proposal], suites, spi_size: int):
     """First (proposal, suite) acceptable to us: all transform types must match one suite."""
     for p in proposals:
-        if p.protocol != c.PROTO_IKE or len(p.spi) != spi_size:
+        if p.protocol != c.PROTO_IKE or len(p.spi) != spi_size or (spi_size and not any(p.spi)):
             continue
         for s in suites:
             if (
@@ -391,8 +391,8 @@ def select_esp(proposals: list[m.Proposal], suites, with_dh: bool):
     """First (proposal, suite) acceptable: with_dh=False (IKE_AUTH) ignores DH transforms; with
     it, a proposal's DH groups must include one we support (or NONE) and suite.dh says which."""
     for p in proposals:
-        if p.protocol != c.PROTO_ESP or len(p.spi) != 4:
-            continue
+        if p.protocol != c.PROTO_ESP or len(p.spi) != 4 or struct.unpack("!I", p.spi)[0] < 256:
+            continue  # SPIs 0-255 are reserved (RFC 4303 §2.1)
         dhs = [t.id for t in p.of_type(c.TT_DH)]
         dh = 0
         if with_dh and dhs and c.DH_NONE not in dhs:
