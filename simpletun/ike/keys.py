@@ -56,7 +56,10 @@ def pubkey_main(argv: list[str]) -> int:
         if len(argv) > 1:
             raise ConfigError(f"pubkey takes at most one key file, got {len(argv)} arguments")
         if argv:
-            key = keys.load_key(argv[0])
+            try:
+                key = keys.load_key(argv[0])
+            except ConfigError as e:  # its messages speak of --key; here it is an argument
+                raise ConfigError(str(e).replace(f"--key {argv[0]}", argv[0], 1)) from None
         else:
             if sys.stdin is None or sys.stdin.isatty():
                 raise ConfigError(f"pubkey reads the private key on stdin: {PROG} pubkey < key")
