@@ -136,14 +136,19 @@ def test_ed25519_raw_public_keys(pair, we_initiate):
     assert "authentication of 'a.example' with ED25519 successful" in log
 
 
-def test_rekeys_initiated_by_us(pair):
-    p = pair(esp="aes128-sha256-x25519")
+PFS = [("aes128-sha256-x25519", c.DH_CURVE25519), ("aes256-sha256-ecp256", c.DH_ECP256),
+       ("aes128-sha256", 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("esp,group", PFS, ids=["pfs-x25519", "pfs-p256", "no-pfs"])
+def test_rekeys_initiated_by_us(pair, esp, group):
+    p = pair(esp=esp, peer_kw={"pfs_group": group})
     sa = p.up()
     first = next(iter(p.drv.children.values()))
     p.drv.handle(p.ep.rekey_child(sa, first.spi_in, p.drv.now()))
     p.drv.run_until(lambda: first.spi_in not in p.drv.children, 10, "the old Child SA gone")
     (second,) = p.drv.children.values()
-    assert second.rekey_of == first.spi_in and second.suite.dh == c.DH_CURVE25519
+    assert second.rekey_of == first.spi_in and second.suite.dh == group
     sas = assert_installed(p.charon, second)
     assert (first.spi_out, first.spi_in) not in charon_child_spis(sas), sas
     assert_keys_match(p.charon, second, we_initiated=True)
@@ -160,14 +165,15 @@ def test_rekeys_initiated_by_us(pair):
     assert_installed(p.charon, second)
 
 
-def test_rekeys_initiated_by_charon(pair):
-    p = pair(esp="aes128-sha256-x25519")
+@pytest.mark.parametrize("esp,group", PFS, ids=["pfs-x25519", "pfs-p256", "no-pfs"])
+def test_rekeys_initiated_by_charon(pair, esp, group):
+    p = pair(esp=esp)
     sa = p.up()
     first = next(iter(p.drv.children.values()))
     p.charon.swanctl("--rekey", "--child", "net")
     p.drv.run_until(lambda: first.spi_in not in p.drv.children, 10, "charon's Child SA rekey")
     (second,) = p.drv.children.values()
-    assert second.rekey_of == first.spi_in and second.suite.dh == c.DH_CURVE25519
+    assert second.rekey_of == first.spi_in and second.suite.dh == group
     assert_installed(p.charon, second)
     assert_keys_match(p.charon, second, we_initiated=False)
     p.charon.swanctl("--rekey", "--ike", "peer")
@@ -178,6 +184,16 @@ def test_rekeys_initiated_by_charon(pair):
     assert f"{new.spi_i.hex()}_i* {new.spi_r.hex()}_r" in sas, sas
     assert_installed(p.charon, second)
     assert not p.drv.downs()
+
+
+def test_invalid_ke_from_charon(pair, ike_log):
+    # we offer X25519 first with its KE; charon accepts only P-256 and says so
+    p = pair(ike="aes128-sha256-ecp256")
+    p.up()
+    assert "requesting ECP_256" in p.charon.log()
+    msgs = [r.getMessage() for r in ike_log.records]
+    assert "parsed IKE_SA_INIT response 0 [ N(INVAL_KE) ]" in msgs
+    assert "ECP_256" in p.drv.ups()[0].suite
 
 
 def test_dpd_by_charon(pair, ike_log):
