@@ -487,3 +487,12 @@ def test_hard_lifetime_without_rekey():
     net.run(until=start + 151)
     assert spi not in a.children and a.removes()[-1].reason == "hard lifetime expired"
     assert not a.downs()
+
+
+def test_initiator_rejects_responder_auth_and_says_so():
+    net, a, b, ini = setup(auth="ed25519")
+    ini.remote_public_key = ed25519.Ed25519PrivateKey.generate().public_key()
+    net.call(a, a.ep.initiate(ini, net.now))
+    assert "signature does not verify" in a.downs()[0].reason
+    assert "AUTHENTICATION_FAILED" in b.downs()[0].reason  # told by an INFORMATIONAL
+    assert not a.ep.sas and not b.ep.sas and not b.children

@@ -1277,6 +1277,10 @@ class Endpoint:
         why = self._verify_auth(p, auth, octets)
         if why is not None:
             self.child_spis.discard(child_spi)
+            # tell the responder (RFC 7296 §2.21.2), without waiting for an answer
+            raw = sa.encrypt(c.INFORMATIONAL, sa.next_out_id, False,
+                             [m.Notify(c.N_AUTHENTICATION_FAILED)])  # fmt: skip
+            self._emit(sa.frame(raw))
             self._kill(sa, f"authentication of peer '{peer_id}' failed: {why}")
             return
         sa.remote_id = str(peer_id)
@@ -1464,6 +1468,11 @@ class Endpoint:
         )
 
     def _respond_info(self, sa: IkeSa, msg: m.Message, now: float) -> None:
+        if c.N_AUTHENTICATION_FAILED in msg.notifies():
+            self._respond(sa, msg, [])
+            self._kill(sa, "peer refused our authentication (AUTHENTICATION_FAILED): check "
+                       "that the peer has our public key / PSK and expects our ID")  # fmt: skip
+            return
         dels = msg.all(c.PL_DELETE)
         if any(d.protocol == c.PROTO_IKE for d in dels):
             self._respond(sa, msg, [])

@@ -401,3 +401,27 @@ def test_ping_over_esp_in_udp_across_rekeys(pair, lab, we_initiate):
         assert re.search(r"in  [0-9a-f]{8},\s+\d+ bytes,\s+[1-9]\d* packets", sas), sas
     finally:
         os.close(fd)
+
+
+def test_we_refuse_charons_key(pair):
+    ours, _, our_pub = ed_keys()
+    _, their_pem, _ = ed_keys()
+    stranger, _, _ = ed_keys()
+    p = pair(
+        local_key_pem=their_pem,
+        remote_pub_pem=our_pub,
+        local_id="b.example",
+        remote_id="a.example",
+        peer_kw={
+            "private_key": ours,
+            "remote_public_key": stranger.public_key(),  # not charon's key
+            "local_id": Identity.parse("a.example"),
+        },
+    )
+    p.drv.handle(p.ep.initiate(p.peer, p.drv.now()))
+    p.drv.run_until(p.drv.downs, 10, "our refusal")
+    assert "signature does not verify" in p.drv.downs()[0].reason
+    told = "parsed INFORMATIONAL request 2 [ N(AUTH_FAILED) ]"
+    p.drv.run_until(lambda: told in p.charon.log(), 5, "charon told")
+    p.drv.run_until(lambda: "IKE_SA deleted" in p.charon.log(), 5, "charon's IKE SA deleted")
+    assert "ESTABLISHED" not in p.charon.list_sas()
