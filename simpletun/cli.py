@@ -40,6 +40,7 @@ Usage:
   {PROG} -i IFNAME -s [-p PORT] [-u|-a] [-d] [options]
   {PROG} -i IFNAME -c HOST [-p PORT] [-u|-a] [-d] [options]
   {PROG} genkey > KEYFILE
+  {PROG} pubkey < KEYFILE
   {PROG} up CONFIG|NAME [--foreground] | down NAME | reload NAME | status [NAME] [--json]
   {PROG} -h
 
@@ -62,6 +63,7 @@ Usage:
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
   genkey           write a new random key to stdout; with '> FILE' the file is made mode 0600
+  pubkey           print the Ed25519 public key of a genkey file (for IKEv2 signatures)
 """
 
 GENKEY_USAGE = f"""\
@@ -379,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "genkey":
         return genkey(argv[1:])
+    if argv and argv[0] == "pubkey":
+        from simpletun.ike.keys import pubkey_main
+
+        return pubkey_main(argv[1:])
     if argv and argv[0] in ("up", "down", "reload", "status"):
         from simpletun import commands
 
