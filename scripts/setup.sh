@@ -20,6 +20,29 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# strongSwan 5.9 (charon + kernel-libipsec userspace ESP, swanctl) for the IKEv2 interop tests
+# (tests/strongswan/). Its postinst would start a system-wide daemon: a temporary policy-rc.d
+# (exit 101) forbids that unless the machine already has one.
+SSW_PACKAGES=(strongswan-charon strongswan-swanctl libcharon-extra-plugins
+    libstrongswan-standard-plugins libstrongswan-extra-plugins util-linux)
+ssw_missing=()
+for p in "${SSW_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || ssw_missing+=("$p")
+done
+if [ ${#ssw_missing[@]} -gt 0 ]; then
+    echo "setup: installing strongSwan packages: ${ssw_missing[*]}"
+    ssw_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        ssw_policy=/usr/sbin/policy-rc.d
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${ssw_missing[@]}" >/dev/null
+    if [ -n "$ssw_policy" ]; then rm -f "$ssw_policy"; fi
+fi
+
 command -v cargo >/dev/null || { echo "setup: cargo not found; this machine needs the Rust toolchain (rustup)" >&2; exit 1; }
 
 PY=${PYTHON:-python3}

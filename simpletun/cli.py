@@ -40,6 +40,7 @@ Usage:
   {PROG} -i IFNAME -s [-p PORT] [-u|-a] [-d] [options]
   {PROG} -i IFNAME -c HOST [-p PORT] [-u|-a] [-d] [options]
   {PROG} genkey > KEYFILE
+  {PROG} pubkey < KEYFILE
   {PROG} up CONFIG|NAME [--foreground] | down NAME | reload NAME | status [NAME] [--json]
   {PROG} install-service [--unit-dir DIR]
   {PROG} -h
@@ -63,6 +64,7 @@ Usage:
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
   genkey           write a new random key to stdout; with '> FILE' the file is made mode 0600
+  pubkey           print the Ed25519 public key of a genkey file (for IKEv2 signatures)
   install-service  write the systemd unit simpletun@.service (see install-service -h)
 """
 
@@ -384,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     systemd.prefix_stderr_for_journal()  # under systemd: "simpletun: error: ..." at err priority
     if argv and argv[0] == "genkey":
         return genkey(argv[1:])
+    if argv and argv[0] == "pubkey":
+        from simpletun.ike.keys import pubkey_main
+
+        return pubkey_main(argv[1:])
     if argv and argv[0] == "install-service":
         from simpletun import unit
 
