@@ -8,7 +8,8 @@ config, exit status 2).
 The unit's ``ExecStart`` is the absolute path of the ``simpletun`` command that ran
 ``install-service`` (e.g. ``/opt/simpletun/.venv/bin/simpletun``): run it again after moving the
 installation. The service runs as root, but with only ``CAP_NET_ADMIN`` (devices, addresses,
-routes, XFRM) and ``CAP_NET_RAW`` (raw ESP sockets) in its bounding set, ``/dev/net/tun`` as its
+routes, XFRM), ``CAP_NET_RAW`` (raw ESP sockets) and ``CAP_NET_BIND_SERVICE`` (a port below 1024,
+e.g. TCP 443, or IKE's UDP 500/4500) in its bounding set, ``/dev/net/tun`` as its
 only device, a read-only file system except its runtime directory ``/run/simpletun`` (control
 sockets, mode 0700), no access to home directories (read-only when the installation or its
 interpreter lives under one, e.g. a pyenv Python in /root), a private /tmp (unless the installation
@@ -72,9 +73,10 @@ RuntimeDirectoryPreserve=yes
 UMask=0077
 
 # Least privilege: root, but only what a tunnel needs. CAP_NET_ADMIN: TUN/TAP devices,
-# addresses, routes, rules, XFRM states and policies; CAP_NET_RAW: raw ESP sockets.
-CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
-AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
+# addresses, routes, rules, XFRM states and policies; CAP_NET_RAW: raw ESP sockets;
+# CAP_NET_BIND_SERVICE: a listen_port below 1024 (e.g. 443), IKE's UDP 500 and 4500.
+CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE
+AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE
 NoNewPrivileges=yes
 DevicePolicy=closed
 DeviceAllow=/dev/net/tun rw

@@ -27,8 +27,8 @@ ROUTE2 = "10.98.0.0/24"  # added by a reload
 RECORDER = str(Path(__file__).with_name("notify_recorder.py"))
 NOTIFY_SOCK = "/run/notify-recorder.sock"
 NOTIFY_LOG = "/run/notify-recorder.log"
-# The bounding set the unit grants: CAP_NET_ADMIN (12) and CAP_NET_RAW (13).
-CAPS = (1 << 12) | (1 << 13)
+# The bounding set the unit grants: CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_NET_RAW (13).
+CAPS = (1 << 10) | (1 << 12) | (1 << 13)
 
 SERVER_TOML = f"""\
 [interface]
@@ -207,8 +207,8 @@ def test_lifecycle(installed):
     ifindex1 = link(lab, NAME)["ifindex"]
     print(f"active: MainPID={pid1} StatusText={st['StatusText']!r}")
 
-    # The hardening is in effect (and the tunnel works under it): only CAP_NET_ADMIN and
-    # CAP_NET_RAW, no new privileges, a root-only runtime directory.
+    # The hardening is in effect (and the tunnel works under it): only CAP_NET_ADMIN,
+    # CAP_NET_RAW and CAP_NET_BIND_SERVICE, no new privileges, a root-only runtime directory.
     status = proc_status(lab, pid1)
     assert int(status["CapBnd"], 16) == CAPS, status["CapBnd"]
     assert int(status["CapEff"], 16) & ~CAPS == 0, status["CapEff"]
@@ -339,3 +339,20 @@ def test_bad_config_fails_once_with_one_error_line(installed):
     assert len(own_lines(journal_records(lab, unit))) == 1, "more than the one error line"
     print(f"journalctl -u {unit} -p err: {message}")
     lab.run("systemctl", "reset-failed", unit)
+
+
+def test_server_on_a_privileged_port(installed):
+    """listen_port 443 (TCP 443 passes most firewalls): the unit keeps CAP_NET_BIND_SERVICE."""
+    lab = installed
+    toml = (
+        '[interface]\naddress = ["10.253.0.1/24"]\nlisten_port = 443\n'
+        'key_file = "/etc/simpletun/st5.key"\n'
+    )
+    lab.write("/etc/simpletun/st5.toml", toml, 0o600)
+    lab.run("cp", f"/etc/simpletun/{NAME}.key", "/etc/simpletun/st5.key")
+    unit = "simpletun@st5.service"
+    out = lab.run("systemctl", "start", unit, check=False)
+    assert out.returncode == 0, lab.journal("-u", unit, "-o", "cat")
+    listening = lab.run("ss", "-Htln", "sport = :443").stdout
+    assert ":443" in listening, listening
+    lab.run("systemctl", "stop", unit)

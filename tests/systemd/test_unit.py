@@ -65,7 +65,7 @@ def test_install_service_writes_the_unit_for_this_command(tmp_path):
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
         "RestartPreventExitStatus=2",
-        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE",
         "DevicePolicy=closed",
         "DeviceAllow=/dev/net/tun rw",
         "ProtectSystem=strict",
