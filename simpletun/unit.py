@@ -46,8 +46,9 @@ ExecStart= the absolute path of this {PROG} command. Then:
 """
 
 UNIT_TEMPLATE = """\
-# {unit_name}: written by `{exe_comment} install-service`; run that again after moving the
-# installation. Local changes: `systemctl edit {prog}@NAME` (drop-ins survive a re-install).
+# {unit_name}, written by `{prog} install-service`: ExecStart= is the path of
+# the command that wrote it (run it again after moving the installation). Local changes:
+# `systemctl edit {prog}@NAME` (drop-ins survive a re-install).
 # `systemctl enable --now {prog}@wg0` runs the tunnel configured in {config_dir}/wg0.toml.
 [Unit]
 Description=simpletun VPN tunnel %I ({config_dir}/%i.toml)
@@ -186,7 +187,6 @@ def render_unit(exe: str, protect_home: str = "yes", private_tmp: str = "yes") -
     return UNIT_TEMPLATE.format(
         unit_name=UNIT_NAME,
         prog=PROG,
-        exe_comment=exe.replace("\n", " "),
         exec_start=exec_path(exe),
         config_dir=CONFIG_DIR,
         runtime_dir=RUNTIME_DIR,
