@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iperf3 tcpdump iproute2 iputils-ping openssl procps)
+APT_PACKAGES+=(strace) # tests/xfrm/capture.py: what `ip xfrm` sends, as reference vectors
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
