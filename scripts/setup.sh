@@ -44,4 +44,6 @@ if ! VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release >"$log" 2>&1; 
 fi
 rm -f "$log"
 .venv/bin/python -c "import simpletun._core" || { echo "setup: the extension did not build" >&2; exit 1; }
+# qemu + Debian's kernel with ESP, unpacked, for tests/kernel/ (the kernel-ESP interop harness)
+bash scripts/setup-kernel.sh
 echo "setup: ready (.venv/bin/simpletun)"
