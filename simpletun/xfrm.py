@@ -26,6 +26,7 @@ from pyroute2.netlink import nla as _nla
 from pyroute2.netlink import nlmsg as _nlmsg
 
 from simpletun._errors import ConfigError, SimpletunError
+from simpletun.manual_keys import AUTH_KEY_LEN, ENC_KEY_LENS, MAX_REPLAY_WINDOW
 
 NETLINK_XFRM = 6
 
@@ -58,8 +59,6 @@ UDP_ENCAP_ESPINUDP = 2
 XFRM_INF = 0xFFFF_FFFF_FFFF_FFFF
 IPPROTO_ESP = 50
 
-#: The kernel's largest anti-replay window (an ESN bitmap of 128 32-bit words).
-MAX_REPLAY_WINDOW = 4096
 #: HMAC-SHA-256-128 (RFC 4868): the only integrity algorithm simpletun speaks.
 AUTH_ALG = "hmac(sha256)"
 AUTH_ICV_BITS = 128
@@ -496,11 +495,11 @@ class SA:
             raise ConfigError(f"SA {self.spi:#x}: src {src} and dst {dst} are different families")
         if not 0 < self.spi <= 0xFFFFFFFF or self.spi < 256:
             raise ConfigError(f"SA SPI {self.spi:#x} is out of range; use 0x100 to 0xffffffff")
-        if len(self.enc_key) not in (16, 24, 32):
+        if len(self.enc_key) not in ENC_KEY_LENS:
             raise ConfigError(
                 f"SA {self.spi:#x}: AES key is {len(self.enc_key)} bytes; use 16, 24 or 32"
             )
-        if len(self.auth_key) != 32:
+        if len(self.auth_key) != AUTH_KEY_LEN:
             raise ConfigError(
                 f"SA {self.spi:#x}: HMAC-SHA-256 key is {len(self.auth_key)} bytes; use 32"
             )
