@@ -1,16 +1,18 @@
 """Inside the qemu guest: configure the guest kernel's ESP with simpletun.xfrm for each scenario
 of a group, run traffic through it against the host's simpletun side, print results.
 
-For each scenario: SAs (both directions) and policies installed with simpletun.xfrm, 3 pings,
+For each scenario: SAs (both directions, from the scenario's manual key file, the same file the
+host's simpletun side reads) and policies installed with simpletun.xfrm, 3 pings,
 a TCP transfer echoed by the host (SHA-256 compared), then the kernel's SA counters (read back
 with simpletun.xfrm) printed as one ``KESP-RESULT <json>`` line on the console; then the
 scenario's SAs and policies are removed. Also creates and deletes an xfrm interface once.
 
-Usage (guest only): python -m tests.kernel.guest_main GROUP NIC
+Usage (guest only): python -m tests.kernel.guest_main GROUP NIC KEYS_DIR
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ import sys
 import time
 import traceback
 
-from simpletun import xfrm
+from simpletun import manual_keys, xfrm
 
 from .scenarios import (
     ECHO_PORT,
@@ -45,29 +47,14 @@ def sh(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
 
-def sas_for(sc: Scenario) -> tuple[xfrm.SA, xfrm.SA]:
-    encap = xfrm.Encap(ENCAP_PORT, ENCAP_PORT) if sc.transport == "udp" else None
-    common = dict(replay_window=sc.window, esn=sc.esn, encap=encap)
-    out = xfrm.SA(
-        GUEST_OUTER,
-        HOST_OUTER,
-        sc.spi_g2h,
-        sc.enc_g2h,
-        sc.auth_g2h,
-        reqid=sc.n * 2,
-        oseq=ESN_START if sc.esn else 0,
-        **common,
-    )
-    inn = xfrm.SA(
-        HOST_OUTER,
-        GUEST_OUTER,
-        sc.spi_h2g,
-        sc.enc_h2g,
-        sc.auth_h2g,
-        reqid=sc.n * 2 + 1,
-        seq=ESN_START if sc.esn else 0,
-        **common,
-    )
+def sas_for(sc: Scenario, keys_dir: str) -> tuple[xfrm.SA, xfrm.SA]:
+    """The guest kernel's (outbound, inbound) SAs from the scenario's manual key file; ESN
+    scenarios start just below 2^32 in both directions."""
+    keys = manual_keys.load(os.path.join(keys_dir, f"{sc.name}.toml"))
+    out, inn = keys.xfrm_sas("client", GUEST_OUTER, HOST_OUTER, reqid=sc.n * 2)
+    if sc.esn:
+        out = dataclasses.replace(out, oseq=ESN_START)
+        inn = dataclasses.replace(inn, seq=ESN_START)
     return out, inn
 
 
@@ -105,14 +92,58 @@ def transfer(src: str) -> dict:
     }
 
 
-def run_scenario(sc: Scenario, nic: str) -> dict:
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+
+
+def esp_offset(frame: bytes) -> int | None:
+    """Offset of the ESP header in an Ethernet frame (raw ESP or ESP-in-UDP), else None."""
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return None
+    ihl = (frame[14] & 15) * 4
+    proto = frame[23]
+    if proto == 50:
+        return 14 + ihl
+    if proto == 17 and struct.unpack_from("!H", frame, 14 + ihl + 2)[0] == ENCAP_PORT:
+        return 14 + ihl + 8
+    return None
+
+
+def inject(cap: socket.socket, nic: str, spi: int) -> dict:
+    """Wire-level attack on the simpletun side: among the frames the kernel sent with ``spi``
+    (captured on the NIC), re-send the 2nd verbatim (a replay) and a copy with its sequence
+    number moved 1000 ahead (fresh, but its ICV no longer matches: a forgery)."""
+    frames = []
+    while True:
+        try:
+            frame, addr = cap.recvfrom(65535)
+        except BlockingIOError:
+            break
+        off = esp_offset(frame)
+        if addr[2] == PACKET_OUTGOING and off is not None:
+            if struct.unpack_from("!I", frame, off)[0] == spi:
+                frames.append((frame, off))
+    if len(frames) < 2:
+        return {"error": f"captured {len(frames)} ESP frames with SPI {spi:#x}"}
+    frame, off = frames[1]
+    cap.sendto(frame, (nic, 0))
+    forged = bytearray(frame)
+    seq = struct.unpack_from("!I", forged, off + 4)[0]
+    struct.pack_into("!I", forged, off + 4, (seq + 1000) & 0xFFFFFFFF)
+    if forged[23] == 17:
+        struct.pack_into("!H", forged, off - 2, 0)  # no UDP checksum (as the kernel sends)
+    cap.sendto(bytes(forged), (nic, 0))
+    return {"replayed_seq": seq, "forged_seq": (seq + 1000) & 0xFFFFFFFF}
+
+
+def run_scenario(sc: Scenario, nic: str, keys_dir: str) -> dict:
     res: dict = {"scenario": sc.name}
     sh("ip", "addr", "add", f"{sc.guest_inner}/32", "dev", "lo")
     sh(
         "ip", "route", "replace", f"{HOST_INNER}/32", "via", HOST_OUTER, "dev", nic,
         "src", sc.guest_inner, "mtu", str(INNER_MTU),
     )  # fmt: skip
-    out, inn = sas_for(sc)
+    out, inn = sas_for(sc, keys_dir)
     xfrm.add_sa(out)
     xfrm.add_sa(inn)
     for p in policies_for(sc):
@@ -123,6 +154,9 @@ def run_scenario(sc: Scenario, nic: str) -> dict:
         encap_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         encap_sock.bind(("0.0.0.0", ENCAP_PORT))
         encap_sock.setsockopt(socket.IPPROTO_UDP, 100, 2)  # UDP_ENCAP, UDP_ENCAP_ESPINUDP
+    cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    cap.bind((nic, 0))
+    cap.setblocking(False)
     try:
         r = subprocess.run(
             ["ping", "-c", "3", "-W", "5", "-I", sc.guest_inner, HOST_INNER],
@@ -131,6 +165,8 @@ def run_scenario(sc: Scenario, nic: str) -> dict:
         )
         res["ping_rc"] = r.returncode
         res["ping_tail"] = r.stdout.strip().splitlines()[-2:]
+        res["injected"] = inject(cap, nic, sc.spi_g2h)
+        cap.close()
         try:
             res["transfer"] = transfer(sc.guest_inner)
         except OSError as e:
@@ -146,6 +182,7 @@ def run_scenario(sc: Scenario, nic: str) -> dict:
         res["dumped_spis"] = sorted(s.spi for s in xfrm.dump_sas())
         res["dumped_policies"] = len(xfrm.dump_policies())
     finally:
+        cap.close()
         if encap_sock is not None:
             encap_sock.close()
         for p in policies_for(sc):
@@ -169,12 +206,12 @@ def xfrm_interface_check(nic: str) -> dict:
 
 
 def main() -> None:
-    group, nic = sys.argv[1], sys.argv[2]
+    group, nic, keys_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     t0 = time.monotonic()
     emit("START", {"group": group, "kernel": os.uname().release})
     for sc in GROUPS[group]:
         try:
-            emit("RESULT", run_scenario(sc, nic))
+            emit("RESULT", run_scenario(sc, nic, keys_dir))
         except Exception:
             emit("RESULT", {"scenario": sc.name, "error": traceback.format_exc()})
     if group in ("esp", "all"):

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .scenarios import GUEST_MAC, HOST_OUTER
+from .scenarios import GROUPS, GUEST_MAC, HOST_OUTER
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -85,6 +85,15 @@ def boot(group: str, workdir: Path) -> BootResult:
     peer_out = workdir / f"peer-{group}.json"
     peer_log = workdir / f"peer-{group}.log"
     guest_log = workdir / f"guest-{group}.log"
+    # Manual key files, fresh per boot, where the guest sees them too (its /tmp is its own).
+    keys_dir = KESP_DIR / f"keys-{os.getpid()}-{group}"
+    shutil.rmtree(keys_dir, ignore_errors=True)
+    keys_dir.mkdir(mode=0o700, parents=True)
+    for sc in GROUPS[group]:
+        path = keys_dir / f"{sc.name}.toml"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(sc.key_file())
     run = subprocess.run
     run(["ip", "netns", "add", ns], check=True)
     peer = None
@@ -101,7 +110,7 @@ def boot(group: str, workdir: Path) -> BootResult:
         with open(peer_log, "w") as log:
             peer = subprocess.Popen(
                 ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.kernel.peer"]
-                + ["--group", group, "--out", str(peer_out)],
+                + ["--group", group, "--out", str(peer_out), "--keys", str(keys_dir)],
                 cwd=REPO,
                 env=env,
                 stdout=log,
@@ -114,7 +123,8 @@ def boot(group: str, workdir: Path) -> BootResult:
             time.sleep(0.1)
         append = (
             "console=ttyS0 quiet loglevel=1 panic=-1 cryptomgr.notests=1 "
-            f"kesp.run={HERE / 'guest.sh'} kesp.kroot={KESP_DIR / 'kroot'} kesp.group={group}"
+            f"kesp.run={HERE / 'guest.sh'} kesp.kroot={KESP_DIR / 'kroot'} kesp.group={group} "
+            f"kesp.keys={keys_dir}"
         )
         t0 = time.monotonic()
         with open(guest_log, "w") as glog:
@@ -144,3 +154,4 @@ def boot(group: str, workdir: Path) -> BootResult:
             peer.kill()
             peer.wait()
         run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(keys_dir, ignore_errors=True)

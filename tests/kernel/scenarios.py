@@ -7,14 +7,14 @@ Topology (host side in a namespace of its own, the guest behind a tap in it)::
                 tun kesp0 10.98.0.1/16      guest lo: 10.98.<n>.2/32 per scenario
                 (simpletun ESP core in the peer helper between kesp0 and the wire)
 
-Scenario ``n``'s inner traffic is 10.98.<n>.2 (guest) <-> 10.98.0.1 (host stack, behind the
-helper). Each scenario has its own SPI pair and keys; one scenario's policies are installed in
-the guest at a time.
+Both sides take their SAs from one manual key file per scenario (``Scenario.key_file``, written
+by the harness). Scenario ``n``'s inner traffic is 10.98.<n>.2 (guest) <-> 10.98.0.1 (host
+stack, behind the helper). Each scenario has its own SPI pair and keys; one scenario's policies
+are installed in the guest at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 HOST_OUTER = "10.99.0.1"
@@ -51,24 +51,19 @@ class Scenario:
     def spi_h2g(self) -> int:  # host (simpletun) -> guest (kernel)
         return 0x01000000 + self.n * 2 + 1
 
-    def _key(self, what: str, n: int) -> bytes:
-        return hashlib.sha256(f"simpletun kesp {self.name} {what}".encode()).digest()[:n]
+    def key_file(self) -> str:
+        """A fresh manual key file (simpletun.manual_keys) for this scenario: the guest kernel
+        is the client, the simpletun side the server; both configure themselves from it."""
+        from simpletun import manual_keys
 
-    @property
-    def enc_g2h(self) -> bytes:
-        return self._key("enc g2h", self.key_bits // 8)
-
-    @property
-    def auth_g2h(self) -> bytes:
-        return self._key("auth g2h", 32)
-
-    @property
-    def enc_h2g(self) -> bytes:
-        return self._key("enc h2g", self.key_bits // 8)
-
-    @property
-    def auth_h2g(self) -> bytes:
-        return self._key("auth h2g", 32)
+        return manual_keys.generate(
+            key_bits=self.key_bits,
+            replay_window=self.window,
+            esn=self.esn,
+            transport="esp-in-udp" if self.transport == "udp" else "esp",
+            port=ENCAP_PORT,
+            spi_base=self.spi_g2h,
+        )
 
 
 SCENARIOS = [

@@ -80,13 +80,12 @@ def test_transport_on_the_wire(run, sc):
 
 @pytest.mark.parametrize("sc", SCENARIOS, ids=IDS)
 def test_counters_agree(run, sc, checked):
-    """Every packet one side sent was accepted by the other (bytes too), except the injected
-    replay and forgery, which both sides counted under the same names."""
+    """Every packet one side sent was accepted by the other (bytes too), except the replay and
+    forgery each side injected on the wire, which the other counted under the same names."""
     g, p = _guest(run, sc), _peer(run, sc)
     k_in, k_out = g["kernel_in"], g["kernel_out"]
     rx, tx = p["rx_stats"], p["tx_stats"]
-    assert p["injected"]["rx_forged"] == "AuthenticationError"
-    assert p["injected"]["rx_replay"] == "ReplayError"
+    assert "error" not in g["injected"], g["injected"]
     assert (k_in["drop_replay"], k_in["drop_auth"]) == (1, 1)
     assert (rx["drop_replay"], rx["drop_auth"]) == (1, 1)
     # kernel -> simpletun: every packet decapsulated, same inner bytes.
