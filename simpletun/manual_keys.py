@@ -105,15 +105,17 @@ class ManualKeys:
             xfrm.SA(remote, local, i.spi, i.enc_key, i.auth_key, reqid=reqid + 1, **common),
         )
 
-    def ip_xfrm_commands(self, role: str, local: str, remote: str) -> list[str]:
-        """The equivalent ``ip xfrm state add`` commands (for documentation and debugging)."""
+    def ip_xfrm_commands(self, role: str, local: str, remote: str, *, reqid: int = 0) -> list[str]:
+        """The ``ip xfrm state add`` commands installing the same SAs as :meth:`xfrm_sas`
+        (for documentation and debugging; the tests check that both send the same bytes)."""
         out = []
-        for src, dst, k in (
-            (local, remote, self.outbound(role)),
-            (remote, local, self.inbound(role)),
+        for src, dst, k, r in (
+            (local, remote, self.outbound(role), reqid),
+            (remote, local, self.inbound(role), reqid + 1),
         ):
             cmd = (
-                f"ip xfrm state add src {src} dst {dst} proto esp spi {k.spi:#010x} mode tunnel"
+                f"ip xfrm state add src {src} dst {dst} proto esp spi {k.spi:#010x}"
+                f" reqid {r} mode tunnel"
                 f" replay-window {self.replay_window}"
                 + (" flag esn" if self.esn else "")
                 + f" auth-trunc 'hmac(sha256)' 0x{k.auth_key.hex()} 128"

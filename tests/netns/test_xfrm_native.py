@@ -160,3 +160,21 @@ def test_installed_iproute2_still_sends_the_vectors(checked):
         assert len(got) == 1, name
         assert got[0] == ref[name][1:], f"ip xfrm {args}"
     checked.append(f"{len(capture.CASES)} `ip xfrm` captures equal the stored vectors")
+
+
+@pytest.mark.parametrize("transport", ["esp", "esp-in-udp"])
+@pytest.mark.parametrize("bits,esn", [(128, False), (256, True)])
+def test_manual_keys_sas_equal_ip_xfrm(transport, bits, esn):
+    """The SAs a manual key file gives the kernel data plane are byte for byte what iproute2
+    sends for the file's equivalent `ip xfrm state add` commands."""
+    from simpletun import manual_keys
+
+    require(capture.available())
+    keys = manual_keys.parse(manual_keys.generate(key_bits=bits, esn=esn, transport=transport))
+    sas = keys.xfrm_sas("client", "192.0.2.2", "192.0.2.1", reqid=6)
+    cmds = keys.ip_xfrm_commands("client", "192.0.2.2", "192.0.2.1", reqid=6)
+    for sa, cmd in zip(sas, cmds, strict=True):
+        args = cmd.removeprefix("ip xfrm ").replace("'", "")
+        (got,) = capture.capture(args)
+        ours = xfrm.encode(xfrm.build_newsa(sa), xfrm.XFRM_MSG_NEWSA, xfrm.FLAGS_ADD)
+        assert got == (xfrm.XFRM_MSG_NEWSA, xfrm.FLAGS_ADD, ours[16:]), cmd
