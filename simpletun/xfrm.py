@@ -396,7 +396,7 @@ def esp_missing_message(family: int) -> str:
     option = "CONFIG_INET6_ESP" if family == socket.AF_INET6 else "CONFIG_INET_ESP"
     module = "esp6" if family == socket.AF_INET6 else "esp4"
     return (
-        f"--dataplane kernel: this kernel has no {'IPv6' if module == 'esp6' else 'IPv4'} ESP "
+        f"kernel ESP: this kernel has no {'IPv6' if module == 'esp6' else 'IPv4'} ESP "
         f"({option} is not set and module {module} is not available); "
         "use --dataplane userspace, which works on any kernel"
     )

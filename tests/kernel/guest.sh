@@ -10,7 +10,7 @@ GROUP=$(arg kesp.group)
 KEYS=$(arg kesp.keys)
 MP=modprobe
 [ -d "/lib/modules/$(uname -r)" ] || MP="modprobe -d $KROOT"
-for m in virtio_net esp4 xfrm_user xfrm_interface aesni_intel sha256_ssse3; do
+for m in virtio_net esp4 xfrm_user xfrm_interface aesni_intel sha256_ssse3 tun veth; do
     $MP $m || echo "kesp: modprobe $m failed"
 done
 IF=$(ip -o link | awk -F': ' '/52:54:00:99:00:02/{print $2}')

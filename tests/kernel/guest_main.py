@@ -205,6 +205,26 @@ def xfrm_interface_check(nic: str) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def bench() -> dict:
+    """scripts/bench_kernel.py in the guest, for correctness only (emulated timings): its kernel
+    ESP row keys two guest namespaces from one manual key file and moves iperf3 traffic."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench_kernel.py")
+    spec = importlib.util.spec_from_file_location("bench_kernel", path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+        rc = mod.main(
+            ["--time", "1", "--pings", "3", "--interval", "0.2", "--emulated", "--esn"]
+            + ["--json", "/tmp/bench.json", "--png", "/tmp/bench.png"]
+        )
+        with open("/tmp/bench.json") as f:
+            return {"rc": rc} | json.load(f)
+    except Exception:
+        return {"error": traceback.format_exc()}
+
+
 def main() -> None:
     group, nic, keys_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     t0 = time.monotonic()
@@ -216,6 +236,8 @@ def main() -> None:
             emit("RESULT", {"scenario": sc.name, "error": traceback.format_exc()})
     if group in ("esp", "all"):
         emit("XFRMI", xfrm_interface_check(nic))
+    if group == "all":
+        emit("BENCH", bench())
     emit("END", {"seconds": round(time.monotonic() - t0, 1)})
 
 

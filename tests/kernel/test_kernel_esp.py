@@ -128,3 +128,23 @@ def test_xfrm_interface(run):
     x = run.one("XFRMI")
     assert "error" not in x, x
     assert x["if_id_7"] and x["ifindex"] > 0
+
+
+def test_bench_kernel_in_guest(run, checked):
+    """scripts/bench_kernel.py runs in the guest (correctness only; its figures are emulated):
+    the kernel-ESP row carries iperf3 and ping traffic between two namespaces keyed from one
+    manual key file, and the output says the figures are emulated."""
+    b = run.one("BENCH")
+    assert "error" not in b, b.get("error")
+    assert b["rc"] == 0 and b["emulated"] is True
+    rows = {r["config"]: r for r in b["rows"]}
+    assert rows["bare veth"]["gbps"] > 0
+    k = rows["kernel ESP (xfrm)"]
+    assert "skipped" not in k, k
+    assert k["gbps"] > 0 and k["pings"] == "3/3"
+    assert k["sa_counters"]["encap_packets"] > 1000 and k["sa_counters"]["drop_auth"] == 0
+    assert "skipped" in rows["simpletun userspace ESP"]
+    checked.append(
+        f"bench in guest (emulated): kernel ESP {k['gbps']:.3f} Gbit/s, "
+        f"{k['sa_counters']['encap_packets']} packets on the client's out SA"
+    )
