@@ -29,7 +29,7 @@ from .scenarios import GROUPS, GUEST_MAC, HOST_OUTER
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 KESP_DIR = Path(os.environ.get("SIMPLETUN_KESP_DIR", "/var/tmp/simpletun-kesp"))
-QEMU_TIMEOUT = float(os.environ.get("SIMPLETUN_KESP_TIMEOUT", "240"))
+QEMU_TIMEOUT = float(os.environ.get("SIMPLETUN_KESP_TIMEOUT", "480"))
 
 
 def kernel_image() -> Path | None:
