@@ -520,9 +520,11 @@ class SA:
         return self.esn or self.replay_window > 32 or bool(self.seq_hi or self.oseq_hi)
 
 
-def _fill_selector(msg, sel: Selector | None, family: int, p: str = "sel_") -> None:
+def _fill_selector(msg, sel: Selector | None, p: str = "sel_") -> None:
+    """Write ``sel`` into the message's selector fields; None leaves an all-zero selector
+    (family 0: what iproute2 sends for an SA without ``sel``)."""
     if sel is None:
-        msg[p + "family"] = family if p == "sel_" and family else 0
+        msg[p + "family"] = 0
         return
     msg[p + "daddr"] = sel.dst.network_address.packed
     msg[p + "saddr"] = sel.src.network_address.packed
@@ -547,9 +549,7 @@ def build_newsa(sa: SA) -> xfrm_usersa_info:
     """The XFRM_MSG_NEWSA/UPDSA body for ``sa``, in the attribute order iproute2 uses."""
     src, dst = _addr(sa.src), _addr(sa.dst)
     msg = xfrm_usersa_info()
-    _fill_selector(msg, sa.selector, 0)
-    if sa.selector is None:
-        msg["sel_family"] = 0
+    _fill_selector(msg, sa.selector)
     msg["id_daddr"] = dst.packed
     msg["id_spi"] = sa.spi
     msg["id_proto"] = IPPROTO_ESP
@@ -653,7 +653,7 @@ class Policy:
 
 def build_newpolicy(pol: Policy) -> xfrm_userpolicy_info:
     msg = xfrm_userpolicy_info()
-    _fill_selector(msg, pol.selector, pol.selector.family)
+    _fill_selector(msg, pol.selector)
     _inf_lifetime(msg)
     msg["priority"] = pol.priority
     msg["index"] = pol.index
@@ -687,7 +687,7 @@ def build_newpolicy(pol: Policy) -> xfrm_userpolicy_info:
 
 def build_policy_id(selector: Selector, dir: str) -> xfrm_userpolicy_id:
     msg = xfrm_userpolicy_id()
-    _fill_selector(msg, selector, selector.family)
+    _fill_selector(msg, selector)
     msg["dir"] = DIRECTIONS[dir]
     msg["attrs"] = []
     return msg

@@ -65,7 +65,12 @@ def test_policies_add_dump_delete(lab, checked):
     xfrm.delete_policy(IN.selector, "in", netns=ns)
     assert xfrm.dump_policies(netns=ns) == []
     assert lab.run(ns, ["ip", "xfrm", "policy"]).stdout.decode().strip() == ""
-    checked.append("2 policies added, dumped (ours and ip's view), updated, deleted")
+    xfrm.add_policy(OUT, netns=ns)
+    xfrm.add_policy(IN, netns=ns)
+    xfrm.flush_policies(netns=ns)
+    xfrm.flush_sas(netns=ns)
+    assert xfrm.dump_policies(netns=ns) == []
+    checked.append("2 policies added, dumped (ours and ip's view), updated, deleted, flushed")
 
 
 def test_selector_matching_counts_out_no_states(lab, checked):
