@@ -36,6 +36,7 @@ if ! ls "$KROOT"/boot/vmlinuz-* >/dev/null 2>&1 || [ ! -f "$KROOT/.complete" ]; 
     touch "$KROOT/.complete"
 fi
 if [ ! -f "$D/initrd.cpio.gz" ] || [ tests/kernel/mkinitrd.sh -nt "$D/initrd.cpio.gz" ]; then
-    KROOT=$KROOT bash tests/kernel/mkinitrd.sh "$D/initrd.cpio.gz"
+    KROOT=$KROOT bash tests/kernel/mkinitrd.sh "$D/initrd.cpio.gz.$$"
+    mv -f "$D/initrd.cpio.gz.$$" "$D/initrd.cpio.gz" # atomic: a running guest keeps its copy
 fi
 echo "setup-kernel: ready ($(ls "$KROOT"/boot/vmlinuz-*))"
