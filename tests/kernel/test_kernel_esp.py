@@ -142,7 +142,7 @@ def test_bench_kernel_in_guest(run, checked):
     k = rows["kernel ESP (xfrm)"]
     assert "skipped" not in k, k
     assert k["gbps"] > 0 and k["pings"] == "3/3"
-    assert k["sa_counters"]["encap_packets"] > 1000 and k["sa_counters"]["drop_auth"] == 0
+    assert k["sa_counters"]["encap_packets"] > 100 and k["sa_counters"]["drop_auth"] == 0
     assert "skipped" in rows["simpletun userspace ESP"]
     checked.append(
         f"bench in guest (emulated): kernel ESP {k['gbps']:.3f} Gbit/s, "
