@@ -414,10 +414,6 @@ def _family(a) -> int:
     return socket.AF_INET6 if a.version == 6 else socket.AF_INET
 
 
-def _pack_addr(a) -> bytes:
-    return a.packed if a is not None else b""
-
-
 def _unpack_addr(b: bytes, family: int):
     if family == socket.AF_INET6:
         return ipaddress.IPv6Address(b[:16])
