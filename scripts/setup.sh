@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iperf3 tcpdump iproute2 iputils-ping openssl procps)
+APT_PACKAGES+=(strace) # tests/xfrm/capture.py: what `ip xfrm` sends, as reference vectors
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -66,4 +67,6 @@ if ! VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release >"$log" 2>&1; 
 fi
 rm -f "$log"
 .venv/bin/python -c "import simpletun._core" || { echo "setup: the extension did not build" >&2; exit 1; }
+# qemu + Debian's kernel with ESP, unpacked, for tests/kernel/ (the kernel-ESP interop harness)
+bash scripts/setup-kernel.sh
 echo "setup: ready (.venv/bin/simpletun)"
