@@ -1,7 +1,6 @@
 //! Data plane v2, no root: data planes wired back to back through the in-memory fakes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -188,66 +187,78 @@ fn spoofed_inner_source_is_dropped_and_counted() {
 fn sa_switch_over_under_continuous_traffic_loses_nothing() {
     let (_net, server, clients) = star(1);
     let (c, cp, sp) = &clients[0];
-    let n = 20_000u64;
-    let stop = Arc::new(AtomicBool::new(false));
-    let dev = c.dev.clone();
-    let feeder = {
-        let stop = stop.clone();
-        thread::spawn(move || {
+    let n = 30_000u64;
+    let spis = [0x1001u32, 0x1101, 0x1201, 0x1301];
+    let mut seen = Vec::with_capacity(n as usize);
+    thread::scope(|s| {
+        // The sender: a continuous stream into the client's device, short queue.
+        s.spawn(|| {
             for i in 0..n {
-                // Keep the queue short so that the rekey happens mid-stream.
-                while dev.pending_inbound() > 256 && !stop.load(Ordering::Relaxed) {
+                while c.dev.pending_inbound() > 256 {
                     thread::yield_now();
                 }
-                dev.inject(&ipv4([10, 0, 1, 5], [10, 0, 0, 1], i));
+                c.dev.inject(&ipv4([10, 0, 1, 5], [10, 0, 0, 1], i));
             }
-        })
-    };
-    let mut seen = Vec::with_capacity(n as usize);
-    let mut rekeyed = 0;
-    while (seen.len() as u64) < n {
-        let p = server
-            .dev
-            .take(T)
-            .unwrap_or_else(|| panic!("lost a packet after {} of {n}", seen.len()));
-        seen.push(tag(&p));
-        // Rekey three times while the stream runs: new inbound first, then the sender
-        // switches, then the old inbound is retired after a grace period.
-        if [3000, 9000, 15000].contains(&seen.len()) {
-            rekeyed += 1;
-            let (old, new) = (0x1001 + (rekeyed - 1) * 0x100, 0x1001 + rekeyed * 0x100);
-            let old = if rekeyed == 1 { 0x1001 } else { old };
-            server
-                .dp
-                .add_inbound_sa(*sp, sa(new, 50 + rekeyed as u8))
-                .unwrap();
-            c.dp.set_outbound_sa(*cp, Some(sa(new, 50 + rekeyed as u8)))
-                .unwrap();
-            server
-                .dp
-                .remove_inbound_sa(old, Duration::from_millis(300))
-                .unwrap();
+        });
+        // The control plane: rekey three times while packets flow, in the safe order: new
+        // inbound SA first, then the sender switches, then the old inbound SA is retired
+        // after a grace period (longer than any packet stays queued).
+        s.spawn(|| {
+            for (k, at) in [(1usize, 6000u64), (2, 14000), (3, 22000)] {
+                eventually("progress", || get(c.dp.totals(), "tx_packets") >= at);
+                let key = sa(spis[k], 50 + k as u8);
+                server.dp.add_inbound_sa(*sp, key).unwrap();
+                c.dp.set_outbound_sa(*cp, Some(sa(spis[k], 50 + k as u8)))
+                    .unwrap();
+                server
+                    .dp
+                    .remove_inbound_sa(spis[k - 1], Duration::from_secs(2))
+                    .unwrap();
+            }
+        });
+        while (seen.len() as u64) < n {
+            match server.dev.take(T) {
+                Some(p) => seen.push(tag(&p)),
+                None => panic!(
+                    "lost a packet after {} of {n}: server {:?}",
+                    seen.len(),
+                    server
+                        .dp
+                        .totals()
+                        .entries()
+                        .into_iter()
+                        .filter(|e| e.1 != 0)
+                        .collect::<Vec<_>>()
+                ),
+            }
         }
-    }
-    stop.store(true, Ordering::Relaxed);
-    feeder.join().unwrap();
+    });
     assert_eq!(seen, (0..n).collect::<Vec<_>>(), "every packet, in order");
-    let totals = server.dp.totals();
-    let drops: u64 = totals
+    let drops: u64 = server
+        .dp
+        .totals()
         .entries()
         .iter()
         .filter(|(k, _)| k.starts_with("drop_"))
         .map(|(_, v)| v)
         .sum();
     assert_eq!(drops, 0);
-    // After the grace period only the newest inbound SA is left, and it carried traffic.
+    // Every SA carried traffic; after the grace period only the newest inbound SA is left.
+    let sas = server.dp.sas();
+    for spi in spis {
+        let s = sas.iter().find(|s| s.inbound && s.spi == spi);
+        assert!(
+            s.is_some_and(|s| s.stats.decap_packets > 0 && s.last_rx_ms > 0),
+            "SA {spi:#x}: {s:?}"
+        );
+    }
     eventually("old SAs retired", || {
         server.dp.sas().iter().filter(|s| s.inbound).count() == 1
     });
-    let sas = server.dp.sas();
-    let cur = sas.iter().find(|s| s.inbound).unwrap();
-    assert_eq!(cur.spi, 0x1001 + 3 * 0x100);
-    assert!(cur.stats.decap_packets > 0 && cur.last_rx_ms > 0);
+    assert_eq!(
+        server.dp.sas().iter().find(|s| s.inbound).unwrap().spi,
+        0x1301
+    );
 }
 
 #[test]
