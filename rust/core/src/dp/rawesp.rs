@@ -17,8 +17,9 @@ pub struct RawEspTransport {
 impl RawEspTransport {
     /// Use a duplicate of `fd`, a raw socket of protocol 50 (`socket(AF_INET[6], SOCK_RAW, 50)`).
     pub fn from_fd(fd: RawFd) -> io::Result<RawEspTransport> {
-        let ty = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?;
-        let proto = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+        // Not a socket at all reads as type/protocol -1: the same clear error.
+        let ty = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(-1);
+        let proto = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL).unwrap_or(-1);
         if ty != libc::SOCK_RAW || proto != IPPROTO_ESP {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -15,8 +15,9 @@ pub struct UdpTransport {
 impl UdpTransport {
     /// Use a duplicate of `fd`, a bound UDP socket (IPv4, or IPv6 possibly dual-stack).
     pub fn from_fd(fd: RawFd) -> io::Result<UdpTransport> {
-        let ty = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?;
-        let proto = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+        // Not a socket at all reads as type/protocol -1: the same clear error.
+        let ty = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(-1);
+        let proto = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL).unwrap_or(-1);
         if ty != libc::SOCK_DGRAM || proto != libc::IPPROTO_UDP {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
