@@ -13,6 +13,7 @@ import sys
 import trio
 
 from simpletun import keys
+from simpletun._core import ESP_IN_UDP_PORT
 from simpletun._errors import ConfigError, SimpletunError
 from simpletun.handshake import CIPHER_IDS, DEFAULT_CIPHER
 from simpletun.session import DEFAULT_MTU, DEFAULT_PORT, MAX_MTU, MIN_MTU, Config
@@ -29,7 +30,7 @@ Usage:
   -i IFNAME        tunnel device to use, created if missing (required)
   -s               server mode: accept clients
   -c HOST          client mode: connect to the server at HOST
-  -p PORT          TCP port to listen on / connect to (default {DEFAULT_PORT})
+  -p PORT          port to listen on / connect to (TCP {DEFAULT_PORT}, udp/raw {ESP_IN_UDP_PORT})
   -u               use a TUN device, layer 3 (default)
   -a               use a TAP device, layer 2
   -d               debug: log connection and session events
@@ -40,6 +41,8 @@ Usage:
   --cipher NAME    aes-128-cbc (default), aes-192-cbc or aes-256-cbc; both ends must agree
   --addr CIDR      address the device, e.g. 10.0.0.1/24 (may be repeated)
   --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU})
+  --transport T    tcp (default), udp (ESP-in-UDP, RFC 3948) or raw (ESP, IP protocol 50;
+                   handshake over UDP); both ends must agree
 
   genkey           write a new random key to stdout; with '> FILE' the file is made mode 0600
 """
@@ -153,7 +156,7 @@ def _parser() -> _Parser:
     p.add_argument("-i", dest="ifname", type=_ifname)
     p.add_argument("-s", dest="server", action="store_true")
     p.add_argument("-c", dest="host")
-    p.add_argument("-p", dest="port", type=_port, default=DEFAULT_PORT)
+    p.add_argument("-p", dest="port", type=_port, default=None)
     p.add_argument("-u", dest="tun", action="store_true")
     p.add_argument("-a", dest="tap", action="store_true")
     p.add_argument("-d", dest="debug", action="store_true")
@@ -163,6 +166,7 @@ def _parser() -> _Parser:
     p.add_argument("--cipher", type=_cipher)
     p.add_argument("--addr", dest="addrs", type=_cidr, action="append", default=[])
     p.add_argument("--mtu", type=_mtu, default=DEFAULT_MTU)
+    p.add_argument("--transport", choices=("tcp", "udp", "raw"), default="tcp")
     return p
 
 
@@ -193,6 +197,8 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         if ns.key is None:
             raise UsageError(NO_KEY_HINT)
         key = keys.load_key(ns.key)  # ConfigError: one line
+    if ns.port is None:
+        ns.port = DEFAULT_PORT if ns.transport == "tcp" else ESP_IN_UDP_PORT
     return Config(
         server=ns.server,
         ifname=ns.ifname,
@@ -203,6 +209,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         cipher=ns.cipher or DEFAULT_CIPHER,
         mtu=ns.mtu,
         addresses=tuple(ns.addrs),
+        transport=ns.transport,
     ), ns.debug
 
 
@@ -276,7 +283,12 @@ async def _run(config: Config) -> int:
     async def tunnel() -> None:
         try:
             async with trio.open_nursery() as inner:
-                state["tunnel"] = await inner.start(session.run, config)
+                if config.transport == "tcp":
+                    state["tunnel"] = await inner.start(session.run, config)
+                else:
+                    from simpletun import datagram
+
+                    state["tunnel"] = await inner.start(datagram.run, config)
         except* (SimpletunError, OSError) as group:
             for e in group.exceptions:
                 print(f"{PROG}: error: {e}", file=sys.stderr)

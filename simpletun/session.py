@@ -66,8 +66,15 @@ class Config:
     connect_timeout: float = 5.0
     backoff_initial: float = 0.1
     backoff_max: float = 2.0
+    transport: str = "tcp"  # "tcp" (here), "udp" or "raw" (simpletun.datagram)
 
     def __post_init__(self) -> None:
+        if self.transport not in ("tcp", "udp", "raw"):
+            raise ConfigError(f"transport must be tcp, udp or raw, got {self.transport!r}")
+        if self.transport != "tcp" and self.key is None:
+            raise ConfigError(
+                f"--transport {self.transport} needs --key: plaintext (simpletun.c) is TCP only"
+            )
         if not self.server and not self.host:
             raise ConfigError("a client needs the server's address (host)")
         if not (0 if self.server else 1) <= self.port <= 65535:

@@ -74,6 +74,6 @@ impl Transport for RawEspTransport {
         Ok(())
     }
     fn send_batch(&self, pkts: &[(&[u8], SocketAddr)]) -> usize {
-        sys::sendmmsg(self.fd.as_raw_fd(), pkts)
+        sys::sendmmsg(self.fd.as_raw_fd(), pkts, false)
     }
 }

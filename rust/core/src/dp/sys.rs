@@ -221,7 +221,9 @@ pub fn recvmmsg(fd: RawFd, bufs: &mut [Vec<u8>], out: &mut Vec<Received>) -> io:
 
 /// `sendmmsg` of `(payload, destination)` pairs without blocking; returns how many were sent.
 /// A datagram the kernel refuses (e.g. unreachable) is skipped and counted as not sent.
-pub fn sendmmsg(fd: RawFd, pkts: &[(&[u8], SocketAddr)]) -> usize {
+/// On an IPv6 socket (`v6_socket`), IPv4 destinations are sent as v4-mapped addresses
+/// (dual-stack); from_storage reports such sources as IPv4, so endpoints stay plain IPv4.
+pub fn sendmmsg(fd: RawFd, pkts: &[(&[u8], SocketAddr)], v6_socket: bool) -> usize {
     const MAX: usize = 64;
     let mut sent = 0;
     let mut start = 0;
@@ -233,7 +235,13 @@ pub fn sendmmsg(fd: RawFd, pkts: &[(&[u8], SocketAddr)]) -> usize {
         let mut msgs: [libc::mmsghdr; MAX] = unsafe { zeroed() };
         for i in 0..n {
             let (p, to) = &pkts[start + i];
-            let (ss, len) = to_storage(to);
+            let to = match to {
+                SocketAddr::V4(a) if v6_socket => {
+                    SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port())
+                }
+                other => *other,
+            };
+            let (ss, len) = to_storage(&to);
             names[i] = ss;
             iovs[i] = libc::iovec {
                 iov_base: p.as_ptr() as *mut libc::c_void,

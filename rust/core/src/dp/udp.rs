@@ -10,6 +10,7 @@ use super::transport::{Datagram, Transport, TransportKind};
 
 pub struct UdpTransport {
     fd: OwnedFd,
+    v6: bool,
 }
 
 impl UdpTransport {
@@ -24,9 +25,10 @@ impl UdpTransport {
                 format!("fd {fd} is not a UDP socket (a bound UDP socket is expected)"),
             ));
         }
+        let v6 = sys::local_family(fd)? == libc::AF_INET6;
         let fd = sys::dup(fd)?;
         sys::set_nonblocking(fd.as_raw_fd())?;
-        Ok(UdpTransport { fd })
+        Ok(UdpTransport { fd, v6 })
     }
 }
 
@@ -54,6 +56,6 @@ impl Transport for UdpTransport {
         Ok(())
     }
     fn send_batch(&self, pkts: &[(&[u8], SocketAddr)]) -> usize {
-        sys::sendmmsg(self.fd.as_raw_fd(), pkts)
+        sys::sendmmsg(self.fd.as_raw_fd(), pkts, self.v6)
     }
 }
