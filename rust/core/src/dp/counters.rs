@@ -95,6 +95,8 @@ pub struct Traffic {
     /// Unix time in milliseconds of the last authenticated inbound packet (0 = never).
     pub last_rx_ms: AtomicU64,
     pub keepalives: AtomicU64,
+    /// Authenticated dummy packets (next header 59), discarded.
+    pub dummies: AtomicU64,
     pub control_rx: AtomicU64,
     pub control_tx: AtomicU64,
     drops: [AtomicU64; DROP_KINDS],
@@ -125,6 +127,7 @@ impl Traffic {
             ("wire_rx_bytes", &self.wire_rx_bytes),
             ("last_rx_ms", &self.last_rx_ms),
             ("keepalives", &self.keepalives),
+            ("dummies", &self.dummies),
             ("control_rx", &self.control_rx),
             ("control_tx", &self.control_tx),
         ]

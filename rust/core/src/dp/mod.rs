@@ -260,6 +260,15 @@ pub struct DataPlane {
 impl DataPlane {
     /// Start the data plane on `device` (its device thread starts at once).
     pub fn start(device: Arc<dyn Device>, config: DpConfig) -> io::Result<DataPlane> {
+        let dp = DataPlane::without_threads(device, config)?;
+        dp.spawn("simpletun-dev", device_loop)?;
+        Ok(dp)
+    }
+
+    /// A data plane whose threads are never started: datagrams are fed with
+    /// [`receive`](Self::receive) (fuzzing and deterministic tests).
+    #[doc(hidden)]
+    pub fn without_threads(device: Arc<dyn Device>, config: DpConfig) -> io::Result<DataPlane> {
         let inner = Arc::new(Inner {
             device,
             events: Queue {
@@ -277,12 +286,41 @@ impl DataPlane {
             exit: OnceLock::new(),
             expiring: AtomicBool::new(false),
         });
-        let dp = DataPlane {
+        Ok(DataPlane {
             inner,
             threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Register a transport without its receive thread (see [`without_threads`](Self::without_threads)).
+    #[doc(hidden)]
+    pub fn add_transport_without_thread(&self, t: Arc<dyn Transport>) -> usize {
+        let mut tables = self.inner.write();
+        tables.transports.push(t);
+        tables.transports.len() - 1
+    }
+
+    /// Handle one datagram as if transport `transport` had received it from `from`.
+    #[doc(hidden)]
+    pub fn receive(&self, transport: usize, from: SocketAddr, data: &mut [u8]) {
+        let t = self.inner.read();
+        let Some(udp) = t
+            .transports
+            .get(transport)
+            .map(|tr| tr.kind() == TransportKind::Udp)
+        else {
+            return;
         };
-        dp.spawn("simpletun-dev", device_loop)?;
-        Ok(dp)
+        receive_one(
+            &self.inner,
+            &t,
+            transport,
+            udp,
+            data,
+            from,
+            false,
+            (now_ms(), Instant::now()),
+        );
     }
 
     fn spawn(
@@ -718,8 +756,6 @@ fn device_loop(inner: &Inner) -> String {
 
 /// One transport → device.
 fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
-    let dev = inner.device.clone();
-    let kind = dev.kind();
     let udp = tr.kind() == TransportKind::Udp;
     let mut bufs = bufs();
     let mut got: Vec<Datagram> = Vec::with_capacity(BATCH);
@@ -745,101 +781,10 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
             return format!("transport {id} error: {e}");
         }
         let t = inner.read();
-        let now = now_ms();
-        let now_i = Instant::now();
+        let now = (now_ms(), Instant::now());
         for dg in &got {
             let d = &mut bufs[dg.buf][dg.start..dg.start + dg.len];
-            add(&inner.totals.wire_rx_bytes, dg.len as u64);
-            if dg.truncated {
-                inner.totals.drop(Drop::Truncated);
-                continue;
-            }
-            if udp && d.len() == 1 && d[0] == NAT_KEEPALIVE {
-                add(&inner.totals.keepalives, 1);
-                continue;
-            }
-            if d.len() >= 4 && d[..4] == NON_ESP_MARKER {
-                if !udp {
-                    inner.totals.drop(DropReason::Control.into());
-                    continue;
-                }
-                add(&inner.totals.control_rx, 1);
-                inner.event(Event::Control {
-                    transport: id,
-                    from: dg.from,
-                    payload: d.to_vec(),
-                });
-                continue;
-            }
-            if d.len() < 8 {
-                inner.totals.drop(DropReason::BadLength.into());
-                continue;
-            }
-            let spi = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
-            let Some(s) = t.inbound.get(&spi) else {
-                inner.totals.drop(DropReason::UnknownSpi.into());
-                continue;
-            };
-            if lock(&s.expires).is_some_and(|e| e <= now_i) {
-                inner.totals.drop(DropReason::UnknownSpi.into());
-                continue;
-            }
-            let peer = &s.peer;
-            if peer.transport != id {
-                // An SA belongs to its peer's transport; the same SPI elsewhere is not it.
-                inner.totals.drop(DropReason::UnknownSpi.into());
-                continue;
-            }
-            let r = lock(&s.sa).decap_in_place(d);
-            let dec = match r {
-                Ok(dec) => dec,
-                Err(reason) => {
-                    inner.drop_pkt(Some(peer), reason.into());
-                    continue;
-                }
-            };
-            // Authenticated: the peer is at the packet's source now (roaming).
-            {
-                let mut ep = lock(&peer.endpoint);
-                if *ep != Some(dg.from) {
-                    *ep = Some(dg.from);
-                }
-            }
-            s.last_rx_ms.store(now, Ordering::Relaxed);
-            peer.traffic.last_rx_ms.store(now, Ordering::Relaxed);
-            inner.totals.last_rx_ms.store(now, Ordering::Relaxed);
-            add(&peer.traffic.wire_rx_bytes, dg.len as u64);
-            if dec.next_header == NH_NONE {
-                continue;
-            }
-            let pkt = &d[dec.inner];
-            let ok = match kind {
-                Kind::Tap => dec.next_header == NH_ETHERNET,
-                Kind::Tun => {
-                    infer_next_header(pkt) == Some(dec.next_header)
-                        && matches!(dec.next_header, NH_IPV4 | NH_IPV6)
-                }
-            };
-            if !ok {
-                inner.drop_pkt(Some(peer), DropReason::BadInner.into());
-                continue;
-            }
-            if kind == Kind::Tun {
-                let allowed = inner_addrs(pkt)
-                    .is_some_and(|(src, _)| peer.allowed.iter().any(|p| p.contains(src)));
-                if !allowed {
-                    inner.drop_pkt(Some(peer), Drop::Spoofed);
-                    continue;
-                }
-            }
-            if dev.send(pkt).is_err() {
-                inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
-                continue;
-            }
-            add(&peer.traffic.rx_packets, 1);
-            add(&peer.traffic.rx_bytes, pkt.len() as u64);
-            add(&inner.totals.rx_packets, 1);
-            add(&inner.totals.rx_bytes, pkt.len() as u64);
+            receive_one(inner, &t, id, udp, d, dg.from, dg.truncated, now);
         }
         drop(t);
         if last_sweep.elapsed() >= Duration::from_millis(TICK_MS as u64) {
@@ -847,4 +792,117 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
             inner.sweep();
         }
     }
+}
+
+/// Classify and handle one received datagram (the body of the receive loop; also called
+/// directly by tests and the fuzz target). Every datagram ends in exactly one counter.
+#[allow(clippy::too_many_arguments)]
+fn receive_one(
+    inner: &Inner,
+    t: &Tables,
+    id: usize,
+    udp: bool,
+    d: &mut [u8],
+    from: SocketAddr,
+    truncated: bool,
+    now: (u64, Instant),
+) {
+    let dev = &inner.device;
+    let kind = dev.kind();
+    add(&inner.totals.wire_rx_bytes, d.len() as u64);
+    if truncated {
+        inner.totals.drop(Drop::Truncated);
+        return;
+    }
+    if udp && d.len() == 1 && d[0] == NAT_KEEPALIVE {
+        add(&inner.totals.keepalives, 1);
+        return;
+    }
+    if d.len() >= 4 && d[..4] == NON_ESP_MARKER {
+        if !udp {
+            inner.totals.drop(DropReason::Control.into());
+            return;
+        }
+        let ev = Event::Control {
+            transport: id,
+            from,
+            payload: d.to_vec(),
+        };
+        if inner.events.push(ev) {
+            add(&inner.totals.control_rx, 1);
+        } else {
+            inner.totals.drop(Drop::ControlOverflow);
+        }
+        return;
+    }
+    if d.len() < 8 {
+        inner.totals.drop(DropReason::BadLength.into());
+        return;
+    }
+    let spi = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+    let Some(s) = t.inbound.get(&spi) else {
+        inner.totals.drop(DropReason::UnknownSpi.into());
+        return;
+    };
+    if lock(&s.expires).is_some_and(|e| e <= now.1) {
+        inner.totals.drop(DropReason::UnknownSpi.into());
+        return;
+    }
+    let peer = &s.peer;
+    if peer.transport != id {
+        // An SA belongs to its peer's transport; the same SPI elsewhere is not it.
+        inner.totals.drop(DropReason::UnknownSpi.into());
+        return;
+    }
+    let r = lock(&s.sa).decap_in_place(d);
+    let dec = match r {
+        Ok(dec) => dec,
+        Err(reason) => {
+            inner.drop_pkt(Some(peer), reason.into());
+            return;
+        }
+    };
+    // Authenticated: the peer is at the packet's source now (roaming).
+    {
+        let mut ep = lock(&peer.endpoint);
+        if *ep != Some(from) {
+            *ep = Some(from);
+        }
+    }
+    s.last_rx_ms.store(now.0, Ordering::Relaxed);
+    peer.traffic.last_rx_ms.store(now.0, Ordering::Relaxed);
+    inner.totals.last_rx_ms.store(now.0, Ordering::Relaxed);
+    add(&peer.traffic.wire_rx_bytes, d.len() as u64);
+    if dec.next_header == NH_NONE {
+        add(&inner.totals.dummies, 1);
+        return;
+    }
+    let pkt = &d[dec.inner];
+    let ok = match kind {
+        Kind::Tap => dec.next_header == NH_ETHERNET,
+        Kind::Tun => {
+            infer_next_header(pkt) == Some(dec.next_header)
+                && matches!(dec.next_header, NH_IPV4 | NH_IPV6)
+        }
+    };
+    if !ok {
+        inner.drop_pkt(Some(peer), DropReason::BadInner.into());
+        return;
+    }
+    if kind == Kind::Tun {
+        let allowed =
+            inner_addrs(pkt).is_some_and(|(src, _)| peer.allowed.iter().any(|p| p.contains(src)));
+        if !allowed {
+            inner.drop_pkt(Some(peer), Drop::Spoofed);
+            return;
+        }
+    }
+    if dev.send(pkt).is_err() {
+        inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
+        return;
+    }
+    add(&peer.traffic.rx_packets, 1);
+    add(&peer.traffic.rx_bytes, pkt.len() as u64);
+    add(&inner.totals.rx_packets, 1);
+    add(&inner.totals.rx_bytes, pkt.len() as u64);
 }
