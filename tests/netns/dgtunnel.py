@@ -35,7 +35,10 @@ class DatagramPair(TunnelPair):
         return [*super()._common(key), "--transport", self.transport]
 
     def start_server(self):
-        from .tunnel import TUN_A_ADDR, simpletun_cmd
+        try:
+            from .tunnel import TUN_A_ADDR, simpletun_cmd
+        except ImportError:
+            from tunnel import TUN_A_ADDR, simpletun_cmd  # type: ignore[no-redef]
 
         argv = [simpletun_cmd(), *self._common(self.key_a), "-s", "-p", str(self.port)]
         argv += ["--addr", f"{TUN_A_ADDR}/24"]
