@@ -240,8 +240,24 @@ _IPV6_MTU_DISCOVER = 23
 _PMTUDISC_DONT = 0
 
 
+SOCKET_BUFFER = 8 << 20  # bytes: absorbs bursts that would otherwise be lost (no backpressure)
+_SO_SNDBUFFORCE = 32
+_SO_RCVBUFFORCE = 33
+
+
+def _big_buffers(sock: socket.socket) -> None:
+    """Large socket buffers (as root beyond net.core.[rw]mem_max, else up to them)."""
+    for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF), (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
 def _no_pmtu(sock: socket.socket) -> None:
-    """Let the kernel fragment outer packets larger than the link MTU rather than fail them."""
+    """Let the kernel fragment outer packets larger than the link MTU rather than fail them
+    (and give the socket large buffers)."""
+    _big_buffers(sock)
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_DONT)
     else:
