@@ -146,3 +146,41 @@ def test_configuration_errors(pair):
         finally:
             os.close(r)
             os.close(w)
+
+
+def test_tcp_stream_transport():
+    """Two data planes over one TCP connection on loopback (2-byte frames)."""
+    ends = []
+    for _ in range(2):
+        app, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        dp = _core.DataPlane(dev.fileno())
+        dev.close()
+        ends.append((app, dp, dp.add_tcp()))
+    lst = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(lst.getsockname())
+    s, _ = lst.accept()
+    (app_a, a, ta), (app_b, b, tb) = ends
+    a.add_tcp_connection(ta, c.fileno(), s.getsockname()[:2])
+    b.add_tcp_connection(tb, s.fileno(), c.getsockname()[:2])
+    pa = a.add_peer(ta, ["0.0.0.0/0"], s.getsockname()[:2])
+    pb = b.add_peer(tb, ["10.0.1.0/24"], c.getsockname()[:2])
+    a.set_outbound_sa(pa, 0x1000, *K1)
+    b.add_inbound_sa(pb, 0x1000, *K1)
+    pkt = ipv4("10.0.1.5", "10.0.2.7", b"over tcp frames")
+    for _ in range(100):
+        app_a.send(pkt)
+    for _ in range(100):
+        assert recv(app_b) == pkt
+    assert b.peer_stats(pb)["rx_packets"] == 100
+    with pytest.raises(ConfigError, match="not a stream"):
+        a.tcp_closed(99)
+    c_addr = c.getsockname()[:2]
+    c.close()
+    assert a.remove_tcp_connection(ta, s.getsockname()[:2])
+    closed: list = []
+    wait_for(lambda: closed.extend(b.tcp_closed(tb)) or closed == [c_addr], "b sees the close")
+    for app, dp, _ in ends:
+        dp.stop()
+        app.close()
+    s.close()
+    lst.close()

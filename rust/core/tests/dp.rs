@@ -254,7 +254,10 @@ fn sa_switch_over_under_continuous_traffic_loses_nothing() {
     }
     // Shorten the grace periods: the old SAs then go, the newest stays.
     for spi in &spis[..3] {
-        server.dp.remove_inbound_sa(*spi, Duration::from_millis(100)).unwrap();
+        server
+            .dp
+            .remove_inbound_sa(*spi, Duration::from_millis(100))
+            .unwrap();
     }
     eventually("old SAs retired", || {
         server.dp.sas().iter().filter(|s| s.inbound).count() == 1
@@ -625,4 +628,142 @@ fn udp_transport_on_loopback() {
         drop(a);
         assert!(sa_sock.local_addr().is_ok());
     }
+}
+
+/// The stream transport (2-byte frames): three clients on one server over UNIX stream socket
+/// pairs (in memory) and one over real TCP on loopback; routing by prefix, control messages,
+/// oversized frames counted, a closed connection reported.
+#[test]
+fn stream_transport_many_connections() {
+    use simpletun_core::dp::stream::StreamTransport;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let sdev = Arc::new(FakeDevice::new(Kind::Tun).unwrap());
+    let server = DataPlane::start(sdev.clone(), DpConfig::default()).unwrap();
+    let sst = Arc::new(StreamTransport::new(65535).unwrap());
+    let str_id = server.add_transport(sst.clone()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut keep = Vec::new();
+    let mut clients = Vec::new();
+    for k in 1..=3u8 {
+        let (s_end, c_end): (Box<dyn AsRawFd>, Box<dyn AsRawFd>) = if k < 3 {
+            let (a, b) = UnixStream::pair().unwrap();
+            (Box::new(a), Box::new(b))
+        } else {
+            let c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            (Box::new(s), Box::new(c))
+        };
+        let ep_at_server = addr(&format!("198.51.100.{k}:1000"));
+        sst.add_connection(s_end.as_raw_fd(), ep_at_server).unwrap();
+        let sp = server
+            .add_peer(
+                str_id,
+                &[pfx(&format!("10.0.{k}.0/24"))],
+                Some(ep_at_server),
+            )
+            .unwrap();
+        server.add_inbound_sa(sp, sa(0x1000 + k as u32, k)).unwrap();
+        server
+            .set_outbound_sa(sp, Some(sa(0x2000 + k as u32, k + 9)))
+            .unwrap();
+        let cdev = Arc::new(FakeDevice::new(Kind::Tun).unwrap());
+        let c = DataPlane::start(cdev.clone(), DpConfig::default()).unwrap();
+        let cst = Arc::new(StreamTransport::new(65535).unwrap());
+        let ct = c.add_transport(cst.clone()).unwrap();
+        let server_ep = addr("192.0.2.1:55555");
+        cst.add_connection(c_end.as_raw_fd(), server_ep).unwrap();
+        let cp = c
+            .add_peer(ct, &[pfx("0.0.0.0/0")], Some(server_ep))
+            .unwrap();
+        c.add_inbound_sa(cp, sa(0x2000 + k as u32, k + 9)).unwrap();
+        c.set_outbound_sa(cp, Some(sa(0x1000 + k as u32, k)))
+            .unwrap();
+        keep.push((s_end, c_end));
+        clients.push((cdev, c, cst, ct, server_ep, sp));
+    }
+    // Each client → server, then server → each client by prefix; a burst of 500 each way.
+    for (k, (cdev, ..)) in clients.iter().enumerate() {
+        for i in 0..500 {
+            cdev.inject(&ipv4([10, 0, k as u8 + 1, 5], [10, 0, 0, 1], i));
+        }
+    }
+    let mut per = [0u32; 3];
+    for _ in 0..1500 {
+        let p = sdev.take(T).expect("frames at the server");
+        per[p[14] as usize - 1] += 1;
+    }
+    assert_eq!(per, [500, 500, 500]);
+    for k in 1..=3u8 {
+        sdev.inject(&ipv4([10, 0, 0, 1], [10, 0, k, 5], k as u64));
+    }
+    for (k, (cdev, ..)) in clients.iter().enumerate() {
+        assert_eq!(tag(&cdev.take(T).unwrap()), k as u64 + 1);
+        assert_eq!(cdev.take(Duration::from_millis(30)), None);
+    }
+    // Control messages both ways on a stream.
+    let (_, c1, _, ct1, server_ep, _) = &clients[0];
+    let mut m = NON_ESP_MARKER.to_vec();
+    m.push(1);
+    c1.send_control(*ct1, *server_ep, &m).unwrap();
+    eventually("control", || get(server.totals(), "control_rx") == 1);
+    assert_eq!(
+        server.take_events(4),
+        vec![Event::Control {
+            transport: str_id,
+            from: addr("198.51.100.1:1000"),
+            payload: m.clone()
+        }]
+    );
+    server
+        .send_control(str_id, addr("198.51.100.1:1000"), &m)
+        .unwrap();
+    eventually("control back", || get(c1.totals(), "control_rx") == 1);
+    // Client 3 (TCP) goes away: the server reports its connection closed.
+    let (_, c3, c3t, ..) = &clients[2];
+    c3.stop();
+    c3t.remove_connection(addr("192.0.2.1:55555"));
+    keep.pop();
+    eventually("closed", || {
+        sst.take_closed().contains(&addr("198.51.100.3:1000"))
+    });
+}
+
+#[test]
+fn stream_transport_skips_oversized_frames_and_counts_them() {
+    use simpletun_core::dp::stream::StreamTransport;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let dev = Arc::new(FakeDevice::new(Kind::Tun).unwrap());
+    let dp = DataPlane::start(dev, DpConfig::default()).unwrap();
+    let st = Arc::new(StreamTransport::new(100).unwrap());
+    let tr = dp.add_transport(st.clone()).unwrap();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    st.add_connection(a.as_raw_fd(), addr("10.0.0.9:9"))
+        .unwrap();
+    // A 200-byte frame (above 100), then a control frame split across writes.
+    b.write_all(&200u16.to_be_bytes()).unwrap();
+    b.write_all(&[0xab; 150]).unwrap();
+    b.write_all(&[0xab; 50]).unwrap();
+    b.write_all(&[0, 6, 0, 0]).unwrap();
+    b.write_all(&[0, 0, 1, 2]).unwrap();
+    eventually("control after the oversized frame", || {
+        get(dp.totals(), "control_rx") == 1
+    });
+    assert_eq!(get(dp.totals(), "drop_truncated"), 1);
+    assert_eq!(
+        dp.take_events(4),
+        vec![Event::Control {
+            transport: tr,
+            from: addr("10.0.0.9:9"),
+            payload: vec![0, 0, 0, 0, 1, 2]
+        }]
+    );
+    drop(b);
+    eventually("closed", || st.take_closed() == vec![addr("10.0.0.9:9")]);
+    assert!(st.connections().is_empty());
 }

@@ -1,15 +1,17 @@
 //! Data plane v2 for Python: `DataPlane` (one device, transports, peers, SAs, control messages
 //! and events), and the protocol constants. Threads run in Rust, without the GIL.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use simpletun_core::dp::counters::Drop;
 use simpletun_core::dp::rawesp::RawEspTransport;
+use simpletun_core::dp::stream::StreamTransport;
 use simpletun_core::dp::udp::UdpTransport;
 use simpletun_core::dp::{DataPlane, DpConfig, DpError, Event, Prefix, TunDevice};
 use simpletun_core::esp::DEFAULT_REPLAY_WINDOW;
@@ -48,6 +50,19 @@ fn py_endpoint(a: SocketAddr) -> (String, u16) {
 #[pyclass(module = "simpletun._core", name = "DataPlane", frozen)]
 pub struct PyDataPlane {
     dp: DataPlane,
+    streams: Mutex<HashMap<usize, Arc<StreamTransport>>>,
+}
+
+impl PyDataPlane {
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<StreamTransport>>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stream(&self, id: usize) -> PyResult<Arc<StreamTransport>> {
+        self.lock_streams().get(&id).cloned().ok_or_else(|| {
+            errors::config_error(format!("transport {id} is not a stream (TCP) transport"))
+        })
+    }
 }
 
 #[pymethods]
@@ -75,7 +90,10 @@ impl PyDataPlane {
                 DataPlane::start(Arc::new(dev), config)
             })
             .map_err(start_error)?;
-        Ok(PyDataPlane { dp })
+        Ok(PyDataPlane {
+            dp,
+            streams: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Add an ESP-in-UDP transport on (a duplicate of) a bound UDP socket; returns its id.
@@ -88,6 +106,45 @@ impl PyDataPlane {
     fn add_raw_esp(&self, sock_fd: i32) -> PyResult<usize> {
         let t = RawEspTransport::from_fd(sock_fd).map_err(start_error)?;
         self.dp.add_transport(Arc::new(t)).map_err(start_error)
+    }
+
+    /// Add a stream transport (2-byte length-prefixed frames on TCP connections); returns
+    /// its id. Connections are added with add_tcp_connection.
+    #[pyo3(signature = (max_frame=65535))]
+    fn add_tcp(&self, max_frame: usize) -> PyResult<usize> {
+        let t = Arc::new(StreamTransport::new(max_frame).map_err(start_error)?);
+        let id = self.dp.add_transport(t.clone()).map_err(start_error)?;
+        self.lock_streams().insert(id, t);
+        Ok(id)
+    }
+
+    /// Carry frames on (a duplicate of) connected socket `sock_fd`, addressed as `endpoint`
+    /// (normally its peer address); replaces a connection with the same endpoint.
+    fn add_tcp_connection(
+        &self,
+        transport: usize,
+        sock_fd: i32,
+        endpoint: (String, u16),
+    ) -> PyResult<()> {
+        let ep = self::endpoint(endpoint)?;
+        self.stream(transport)?
+            .add_connection(sock_fd, ep)
+            .map_err(start_error)
+    }
+
+    fn remove_tcp_connection(&self, transport: usize, endpoint: (String, u16)) -> PyResult<bool> {
+        let ep = self::endpoint(endpoint)?;
+        Ok(self.stream(transport)?.remove_connection(ep))
+    }
+
+    /// Endpoints of the stream connections that ended since the last call.
+    fn tcp_closed(&self, transport: usize) -> PyResult<Vec<(String, u16)>> {
+        Ok(self
+            .stream(transport)?
+            .take_closed()
+            .into_iter()
+            .map(py_endpoint)
+            .collect())
     }
 
     /// Add a peer on `transport` allowed `allowed` inner prefixes ("10.0.0.0/24", "fd00::/64").

@@ -23,6 +23,7 @@ pub mod device;
 pub mod fake;
 pub mod rawesp;
 pub mod route;
+pub mod stream;
 mod sys;
 pub mod transport;
 pub mod udp;
@@ -307,7 +308,7 @@ impl DataPlane {
         let Some(udp) = t
             .transports
             .get(transport)
-            .map(|tr| tr.kind() == TransportKind::Udp)
+            .map(|tr| tr.kind().carries_control())
         else {
             return;
         };
@@ -496,7 +497,8 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Send one control message (it must start with the non-ESP marker) on a UDP transport.
+    /// Send one control message (it must start with the non-ESP marker) on a UDP or stream
+    /// transport.
     pub fn send_control(
         &self,
         transport: usize,
@@ -507,9 +509,9 @@ impl DataPlane {
             return err("a control message starts with the 4-byte non-ESP marker and a type byte, at most 65535 bytes");
         }
         let t = self.transport(transport)?;
-        if t.kind() != TransportKind::Udp {
+        if !t.kind().carries_control() {
             return err(
-                "control messages travel on UDP transports only (raw ESP carries ESP alone)",
+                "control messages travel on UDP and stream transports only (raw ESP carries ESP alone)",
             );
         }
         if t.send_batch(&[(payload, to)]) == 1 {
@@ -756,7 +758,7 @@ fn device_loop(inner: &Inner) -> String {
 
 /// One transport → device.
 fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
-    let udp = tr.kind() == TransportKind::Udp;
+    let udp = tr.kind().carries_control();
     let mut bufs = bufs();
     let mut got: Vec<Datagram> = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();

@@ -1,6 +1,6 @@
 //! The transport interface of the data plane: batches of datagrams to and from endpoints.
 //! Implementations: [`super::udp`] (ESP-in-UDP), [`super::rawesp`] (IP protocol 50),
-//! [`super::fake`] (in memory).
+//! [`super::stream`] (framed TCP connections), [`super::fake`] (in memory).
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,6 +25,15 @@ pub enum TransportKind {
     Udp,
     /// Plain ESP (IP protocol 50): ESP only; endpoints have port 0.
     RawEsp,
+    /// Length-prefixed frames on stream connections (TCP): ESP and control messages.
+    Stream,
+}
+
+impl TransportKind {
+    /// Whether control messages (non-ESP marker) and keepalives travel on it.
+    pub fn carries_control(self) -> bool {
+        self != TransportKind::RawEsp
+    }
 }
 
 pub trait Transport: Send + Sync + 'static {
