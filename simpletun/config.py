@@ -79,6 +79,15 @@ def check_host(text: str) -> str:
     return host
 
 
+TRANSPORTS = ("tcp", "udp", "raw")
+
+
+def check_transport(name: str) -> str:
+    if name not in TRANSPORTS:
+        raise ConfigError(f"transport must be tcp, udp or raw, got {name!r}")
+    return name
+
+
 def check_port(value: int, *, server: bool = False) -> int:
     if not (0 if server else 1) <= value <= 65535:
         allowed = "0-65535 (0: any free port)" if server else "1-65535"
@@ -142,9 +151,15 @@ class Config:
     backoff_max: float = 2.0
     # How often the device is checked (deleted, renamed, downed) besides when a pump fails.
     device_check_interval: float = 0.5
+    transport: str = "tcp"  # "tcp" (simpletun.session), "udp" or "raw" (simpletun.datagram)
 
     def __post_init__(self) -> None:
         check_ifname(self.ifname)
+        check_transport(self.transport)
+        if self.transport != "tcp" and self.key is None:
+            raise ConfigError(
+                f"--transport {self.transport} needs --key: plaintext (simpletun.c) is TCP only"
+            )
         if not self.server and not self.host:
             raise ConfigError("a client needs the server's address (host)")
         if self.host is not None:
