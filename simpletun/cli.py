@@ -31,6 +31,7 @@ from simpletun.config import (
     check_port,
     check_route,
     check_transport,
+    default_mtu,
 )
 from simpletun.handshake import DEFAULT_CIPHER
 from simpletun.ratelimit import RateLimitFilter
@@ -58,7 +59,8 @@ Usage:
   --plaintext      no encryption: the classic simpletun.c protocol (interoperates with it)
   --cipher NAME    aes-128-cbc (default), aes-192-cbc or aes-256-cbc; both ends must agree
   --addr CIDR      address the device, e.g. 10.0.0.1/24 (may be repeated)
-  --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU})
+  --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU} over TCP; over udp/raw the
+                   outer path's MTU less the ESP overhead, e.g. 1422 / 1438 on a 1500 path)
   --transport T    tcp (default), udp (ESP-in-UDP, RFC 3948) or raw (ESP, IP protocol 50;
                    handshake over UDP); both ends must agree
   --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
@@ -167,7 +169,7 @@ def _parser() -> _Parser:
     p.add_argument("--plaintext", action="store_true")
     p.add_argument("--cipher", type=_cipher)
     p.add_argument("--addr", dest="addrs", type=_cidr, action="append", default=[])
-    p.add_argument("--mtu", type=_mtu, default=DEFAULT_MTU)
+    p.add_argument("--mtu", type=_mtu, default=None)
     p.add_argument("--route", dest="routes", type=_route, action="append", default=[])
     p.add_argument("--listen", dest="listen", type=_host)
     p.add_argument("--transport", type=_transport, default="tcp")
@@ -203,6 +205,9 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         key = keys.load_key(ns.key)  # ConfigError: one line
     if ns.port is None:
         ns.port = DEFAULT_PORT if ns.transport == "tcp" else ESP_IN_UDP_PORT
+    if ns.mtu is None:
+        target = ns.host if ns.host is not None else ns.listen
+        ns.mtu = default_mtu(ns.transport, target, tap=ns.tap, server=ns.server)
     return Config(
         server=ns.server,
         ifname=ns.ifname,

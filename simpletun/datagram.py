@@ -321,7 +321,11 @@ class DatagramSession:
 
     @property
     def stats(self) -> dict:
-        return dict(self.dp.peer_stats(self.peer))
+        """The peer's counters; {} once the peer or its data plane is gone."""
+        try:
+            return dict(self.dp.peer_stats(self.peer))
+        except SimpletunError:
+            return {}
 
     @property
     def duration(self) -> float:
@@ -571,10 +575,10 @@ async def connect(config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> No
             try:
                 result = await one_handshake()
             except HandshakeError as e:
-                if getattr(e, "code", None) in hs.FATAL_CODES:
-                    raise
+                # Never fatal: the rejection is not authenticated (see session.connect).
                 failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
+                fatal_looking = getattr(e, "code", None) in hs.FATAL_CODES
+                level = logging.ERROR if fatal_looking else logging.WARNING
                 log.log(level, "handshake with %s failed: %s; retrying", hs_peer(server), e)
                 continue
             _install(plane.dp, peer, result, old_rx)
@@ -622,20 +626,52 @@ async def _until_dead(dp, peer: int) -> None:
             return
 
 
-async def run(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Like ``session.run`` for the datagram transports: open the device, serve or connect."""
+async def _until_device_gone(device, interval: float) -> None:
+    """Return when ``device`` was deleted; restore it when downed or stripped."""
     from simpletun import netdev
 
-    device = await trio.to_thread.run_sync(
-        lambda: netdev.open_device(
-            config.ifname, tap=config.tap, mtu=config.mtu, addresses=config.addresses
-        )
-    )
-    try:
-        if config.server:
-            await serve(config, device, task_status=task_status)
-        else:
-            await connect(config, device, task_status=task_status)
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(netdev.close_device, device)
+    while True:
+        await trio.sleep(interval)
+        state = await trio.to_thread.run_sync(netdev.check_device, device)
+        if state == netdev.DEVICE_GONE:
+            return
+        if state == netdev.DEVICE_DOWN:
+            log.warning(
+                "device %s was downed or lost an address or route; restoring it", device.name
+            )
+            await trio.to_thread.run_sync(netdev.repair_device, device)
+
+
+async def run(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Like ``session.run`` for the datagram transports: open the device (with its routes),
+    serve or connect, and keep the device in place: a deleted device is recreated (the data
+    plane restarts on it; peers re-handshake), a downed one restored."""
+    from simpletun import netdev, session
+
+    started = False
+    while True:
+        device = await trio.to_thread.run_sync(session._open, config)
+        gone = False
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    loop = serve if config.server else connect
+                    tunnel = await nursery.start(loop, config, device)
+                    if not started:
+                        task_status.started(tunnel)
+                        started = True
+                    await _until_device_gone(device, config.device_check_interval)
+                    gone = True
+                    nursery.cancel_scope.cancel()
+            except* SimpletunError:
+                # the data plane ends when its device goes: recreate it, or re-raise the error
+                state = await trio.to_thread.run_sync(netdev.check_device, device)
+                if state != netdev.DEVICE_GONE:
+                    raise
+                gone = True
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(netdev.close_device, device)
+        if not gone:
+            return
+        log.warning("device %s was deleted; recreating it", config.ifname)

@@ -618,6 +618,13 @@ impl DataPlane {
         for h in hs {
             let _ = h.join();
         }
+        // Release the transports (their sockets), peers and SAs (keys wiped) now rather than
+        // when the last reference to the data plane goes: a tunnel restarted on a recreated
+        // device binds the same port again at once.
+        let mut t = self.inner.write();
+        t.peers.clear();
+        t.inbound.clear();
+        t.transports.clear();
     }
 }
 
