@@ -51,6 +51,7 @@ COOKIE_PERIOD = 30.0  # seconds per server-nonce time bucket; a ClientFinish may
 RETRANSMIT = (0.25, 0.5, 1.0, 2.0)  # then every 2 s until the handshake timeout
 OLD_SA_GRACE = 2.0  # seconds an inbound SA stays valid after it was replaced
 DEAD_AFTER = 15.0  # client: sending but nothing authentic received for this long -> rehandshake
+KEEPALIVE_EVERY = 20.0  # client, udp: NAT-keepalive (RFC 3948 2.3) interval
 ALL_PREFIXES = ["0.0.0.0/0", "::/0"]
 
 
@@ -398,6 +399,20 @@ class _Plane:
             s.close()
 
 
+def _unwrap(group: BaseExceptionGroup) -> BaseException:
+    """The one error of our tasks, raised as itself (the CLI prints it as one line)."""
+    leaves = []
+
+    def walk(g):
+        for e in g.exceptions:
+            walk(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e)
+
+    walk(group)
+    if len(leaves) == 1 and isinstance(leaves[0], SimpletunError | OSError):
+        return leaves[0]
+    return group
+
+
 async def _events(dp, handler) -> None:
     """Hand every event of the data plane to ``handler`` (synchronous), forever."""
     while True:
@@ -497,6 +512,8 @@ async def serve(config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             nursery.start_soon(_events, plane.dp, on_event)
             nursery.start_soon(_watch_done, plane.dp)
             task_status.started(tunnel)
+    except BaseExceptionGroup as g:
+        raise _unwrap(g) from None
     finally:
         if tunnel.session is not None:
             log.debug("%s", tunnel.session.counters_line())
@@ -600,12 +617,24 @@ async def connect(config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> No
                 DEAD_AFTER,
             )
 
+    async def keepalives() -> None:
+        while True:
+            await trio.sleep(KEEPALIVE_EVERY)
+            try:
+                plane.dp.send_keepalive(plane.udp, server)
+            except SimpletunError:
+                pass
+
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_events, plane.dp, on_event)
             nursery.start_soon(_watch_done, plane.dp)
+            if transport == "udp":
+                nursery.start_soon(keepalives)
             task_status.started(tunnel)
             await supervise()
+    except BaseExceptionGroup as g:
+        raise _unwrap(g) from None
     finally:
         if tunnel.session is not None:
             log.debug("%s", tunnel.session.counters_line())

@@ -1,7 +1,7 @@
 """ESP-in-UDP (RFC 3948) and raw ESP (IP protocol 50) between two namespaces, IPv4 and IPv6
 outer addresses: ping, a 50 MiB SHA-256-checked transfer, and a capture decoded by tcpdump that
 must show only ESP (``UDP-encap: ESP(spi=..,seq=..)`` / ``ESP(spi=..,seq=..)``) with gap-free
-sequence numbers per SPI and never the inner plaintext."""
+sequence numbers per SPI and never the inner plaintext (a 256 KiB marked transfer)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_datagram_tunnel_ping_transfer_and_wire(
         bpf = "ip6 proto 50" if ipv6 else "ip proto 50"
     cap = Capture(lab, lab.ns_a, VETH_A, tmp_path / "wire.pcap", bpf)
     marker = "SIMPLETUN-SECRET-" + secrets.token_hex(8)
-    tx2, rx2 = t.transfer(1024 * 1024, marker=marker, seed=2, timeout=60)
+    tx2, rx2 = t.transfer(256 * 1024, marker=marker, seed=2, timeout=60)
     assert rx2["marker_seen"] and tx2["sha256"] == rx2["sha256"]
     path = cap.stop()
     server_log = t.server.stderr()
@@ -67,3 +67,19 @@ def test_datagram_tunnel_ping_transfer_and_wire(
         f"capture of {len(rows)} packets, all tcpdump-decoded {want.rstrip('(')} with "
         f"gap-free seqs on SPIs {', '.join(hex(s) for s in by_spi)}; marker absent"
     )
+
+
+def test_udp_wrong_key_client_exits_with_one_line_and_server_stays(lab, keys, checked):
+    t = DatagramPair(lab, transport="udp", key_a=keys[0], key_b=keys[1])
+    t.start_server()
+    client = t.start_client()
+    rc = client.wait(30)
+    err = client.stderr()
+    assert rc == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "wrong key" in last and "same --key file" in last, err
+    assert "Traceback" not in err
+    assert t.server.alive(), "the server must keep serving"
+    assert "does not verify" not in t.server.stderr()  # the client never sent a ClientFinish
+    t.stop()
+    checked.append(f"udp wrong key: client exit 1 with {last!r}; server still running")
