@@ -64,9 +64,14 @@ class Service:
             removed: list = []
             if new.config.routes != old.routes and self.tunnel is not None:
                 dev = self.tunnel.device
-                added, removed = await trio.to_thread.run_sync(
-                    netdev.set_routes, dev, new.config.routes
-                )
+                try:
+                    added, removed = await trio.to_thread.run_sync(
+                        netdev.set_routes, dev, new.config.routes
+                    )
+                except SimpletunError as e:  # e.g. a route in the way: keep running as before
+                    log.error("reload failed, routes left as they were: %s", e)
+                    systemd.notify("READY=1")
+                    return {"ok": False, "error": str(e)}
                 self.tunnel.config = replace(self.tunnel.config, routes=new.config.routes)
             keep = {f: getattr(old, f) for f in needs}
             self.file = replace(new, config=replace(new.config, **keep))
