@@ -420,14 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     limiter = _setup_logging(debug)
     from functools import partial
 
-    from simpletun import session
+    from simpletun.service import runner
 
-    if config.transport == "tcp":
-        start = partial(session.run, config)
-    else:
-        from simpletun import datagram
-
-        start = partial(datagram.run, config)
+    start = partial(runner(config), config)
     try:
         return trio.run(_run, start, limiter)
     except KeyboardInterrupt:  # a signal before the handlers were installed

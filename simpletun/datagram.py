@@ -29,6 +29,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -342,18 +343,87 @@ class DatagramSession:
 
 
 class DatagramTunnel:
-    """Live state of a datagram-transport server or client (``task_status.started`` value)."""
+    """Live state of a datagram-transport server or client (``task_status.started`` value).
+
+    The same object lives on when the device is recreated (the data plane restarts on the new
+    device), so holders (the CLI, ``simpletun status``, the Python API) keep a valid view."""
 
     def __init__(self, config, transport: str, port: int) -> None:
         self.config = config
         self.transport = transport
         self.port = port
         self.dp = None
-        self.session: DatagramSession | None = None
+        self.device = None
+        self._session: DatagramSession | None = None
+        self._up = trio.Event()
         self.sessions = 0
+        self.handshake_failures = 0
+        self.device_recreated = 0
+        self.last_exit_reason: str | None = None
+
+    @property
+    def session(self) -> DatagramSession | None:
+        return self._session
+
+    @session.setter
+    def session(self, sess: DatagramSession | None) -> None:
+        self._session = sess
+        if sess is not None:
+            self._up.set()
+        elif self._up.is_set():
+            self._up = trio.Event()
+
+    async def wait_up(self) -> DatagramSession:
+        """The current session, waiting (without polling) until there is one."""
+        while self._session is None:
+            await self._up.wait()
+        return self._session
 
     def stats(self) -> dict:
         return dict(self.dp.stats) if self.dp is not None else {}
+
+    def status(self) -> dict:
+        """The fields of ``session.Tunnel.status`` for the datagram transports."""
+        c = self.config
+        sess = self._session
+        peer: dict = {
+            "endpoint": None if c.server else f"{c.host}:{c.port}",
+            "allowed_ips": [str(r) for r in c.routes],
+            "connected": sess is not None,
+            "latest_handshake": None,
+            "sas": [],
+        }
+        if sess is not None:
+            st = sess.stats
+            peer["remote"] = hs_peer(sess.addr)
+            peer["latest_handshake"] = round(time.time() - sess.duration, 3)
+            for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
+                peer[k] = st.get(k, 0)
+            peer["drops"] = {k[5:]: v for k, v in st.items() if k.startswith("drop_") and v}
+            hsr, age = sess.handshake, round(sess.duration, 3)
+            out_sa = {"direction": "out", "spi": f"0x{hsr.tx.spi:08x}", "age": age}
+            out_sa["seq"] = st.get("tx_packets", 0)
+            in_sa = {"direction": "in", "spi": f"0x{hsr.rx.spi:08x}", "age": age}
+            in_sa["packets"] = st.get("rx_packets", 0)
+            peer["sas"] = [out_sa, in_sa]
+        return {
+            "interface": getattr(self.device, "name", c.ifname),
+            "mode": "tap" if c.tap else "tun",
+            "role": "server" if c.server else "client",
+            "transport": self.transport,
+            "dataplane": "userspace",
+            "listen_port": self.port if c.server else None,
+            "encryption": f"ESP {c.cipher}",
+            "mtu": c.mtu,
+            "addresses": [str(a) for a in c.addresses],
+            "up": sess is not None,
+            "sessions": self.sessions,
+            "handshake_failures": self.handshake_failures,
+            "last_exit_reason": self.last_exit_reason,
+            "device_recreated": self.device_recreated,
+            "device_repaired": 0,
+            "peers": [peer],
+        }
 
 
 class _Plane:
@@ -437,7 +507,7 @@ def _install(dp, peer: int, result: HandshakeResult, old_rx: int | None) -> None
             pass
 
 
-async def serve(config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunnel=None) -> None:
     """Serve one peer at a time over UDP (or raw ESP, handshake over UDP)."""
     transport = config.transport
     try:
@@ -453,8 +523,8 @@ async def serve(config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         udp.close()
         raise
     port = udp.getsockname()[1]
-    tunnel = DatagramTunnel(config, transport, port)
-    tunnel.dp = plane.dp
+    tunnel = tunnel or DatagramTunnel(config, transport, port)
+    tunnel.dp, tunnel.device, tunnel.session = plane.dp, device, None
     server = UdpServerHandshake(config.key, config.cipher)
     log.info(
         "server on %s, listening on UDP port %d (ESP %s, %s)",
@@ -520,7 +590,7 @@ async def serve(config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         await trio.to_thread.run_sync(plane.close)
 
 
-async def connect(config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def connect(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunnel=None) -> None:
     """Handshake with the server over UDP, then keep the tunnel up; re-handshake when the
     server stops answering (it restarted, or our SAs are gone)."""
     transport = config.transport
@@ -533,8 +603,8 @@ async def connect(config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> No
     except BaseException:
         udp.close()
         raise
-    tunnel = DatagramTunnel(config, transport, config.port)
-    tunnel.dp = plane.dp
+    tunnel = tunnel or DatagramTunnel(config, transport, config.port)
+    tunnel.dp, tunnel.device, tunnel.session = plane.dp, device, None
     tid, port = plane.data_transport(server[0])
     endpoint = (server[0], server[1] if port < 0 else port)
     peer = plane.dp.add_peer(tid, ALL_PREFIXES, endpoint)
@@ -594,6 +664,7 @@ async def connect(config, device, *, task_status=trio.TASK_STATUS_IGNORED) -> No
             except HandshakeError as e:
                 # Never fatal: the rejection is not authenticated (see session.connect).
                 failures += 1
+                tunnel.handshake_failures += 1
                 fatal_looking = getattr(e, "code", None) in hs.FATAL_CODES
                 level = logging.ERROR if fatal_looking else logging.WARNING
                 log.log(level, "handshake with %s failed: %s; retrying", hs_peer(server), e)
@@ -677,18 +748,18 @@ async def run(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     plane restarts on it; peers re-handshake), a downed one restored."""
     from simpletun import netdev, session
 
-    started = False
+    tunnel = None
     while True:
         device = await trio.to_thread.run_sync(session._open, config)
         gone = False
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    loop = serve if config.server else connect
-                    tunnel = await nursery.start(loop, config, device)
-                    if not started:
+                    loop = partial(serve if config.server else connect, tunnel=tunnel)
+                    started = await nursery.start(loop, config, device)
+                    if tunnel is None:
+                        tunnel = started
                         task_status.started(tunnel)
-                        started = True
                     await _until_device_gone(device, config.device_check_interval)
                     gone = True
                     nursery.cancel_scope.cancel()
@@ -704,3 +775,5 @@ async def run(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if not gone:
             return
         log.warning("device %s was deleted; recreating it", config.ifname)
+        if tunnel is not None:
+            tunnel.device_recreated += 1

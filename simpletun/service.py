@@ -23,6 +23,15 @@ log = logging.getLogger("simpletun.service")
 RESTART_FIELDS = ("server", "ifname", "host", "port", "tap", "key", "cipher", "mtu", "addresses")
 
 
+def runner(config):
+    """The tunnel loop for the config's transport."""
+    if config.transport == "tcp":
+        return session.run
+    from simpletun import datagram
+
+    return datagram.run
+
+
 class Service:
     """A running tunnel from a file: ``tunnel`` is the live :class:`session.Tunnel`."""
 
@@ -127,7 +136,7 @@ class Service:
         """Run until :meth:`stop` (or cancellation). pre_down runs before the device goes."""
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve, self.name, self.handle)
-            self.tunnel = await nursery.start(session.run, self.file.config)
+            self.tunnel = await nursery.start(runner(self.file.config), self.file.config)
             try:
                 with self._cancel:
                     await trio.to_thread.run_sync(self._hooks, "post_up", self.file.post_up)
