@@ -1,5 +1,7 @@
 """Tunnel benchmark: single-flow TCP throughput (iperf3) and ping RTT between two namespaces,
-over the bare veth and through simpletun in plaintext and ESP (aes-128-cbc, aes-256-cbc) mode.
+over the bare veth and through simpletun in plaintext and ESP (aes-128-cbc, aes-256-cbc) mode
+over TCP, and ESP over UDP (ESP-in-UDP) and raw ESP (--transport udp|raw; tunnel MTU 1400 so
+that the outer packets fit the 1500-byte veth unfragmented).
 
 Run as root via ``scripts/bench-tunnel.sh``. One lab (two namespaces + veth) serves every
 configuration, so the only thing that changes between rows is the tunnel. Prints a table; the
@@ -18,8 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from simpletun.lab import TUN_A_ADDR, VETH_A_ADDR, Lab, missing_prerequisites
-from simpletun.lab.tunnel import TunnelPair, genkey, simpletun_cmd
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "netns"))
+
+from dgtunnel import DatagramPair  # noqa: E402
+
+from simpletun.lab import TUN_A_ADDR, VETH_A_ADDR, Lab, missing_prerequisites  # noqa: E402
+from simpletun.lab.tunnel import TunnelPair, genkey, simpletun_cmd  # noqa: E402
 
 IPERF_PORT = 5201
 TARGET_GBPS = 1.0
@@ -89,6 +95,8 @@ def main() -> int:
             ("simpletun plaintext", {"plaintext": True}),
             ("simpletun ESP aes-128-cbc", {"key_a": key, "cipher": "aes-128-cbc"}),
             ("simpletun ESP aes-256-cbc", {"key_a": key, "cipher": "aes-256-cbc"}),
+            ("simpletun ESP-in-UDP aes-128", {"key_a": key, "transport": "udp", "mtu": 1400}),
+            ("simpletun raw ESP aes-128", {"key_a": key, "transport": "raw", "mtu": 1400}),
         ]
         print(
             f"bench-tunnel: namespaces {lab.ns_a} (server) and {lab.ns_b} (client), veth "
@@ -101,7 +109,7 @@ def main() -> int:
                 if kw is None:
                     dst = VETH_A_ADDR
                 else:
-                    t = TunnelPair(lab, **kw)
+                    t = DatagramPair(lab, **kw) if "transport" in kw else TunnelPair(lab, **kw)
                     t.start()
                     dst = TUN_A_ADDR
                 print(f"  {name}: measuring...", flush=True)

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(iperf3 tcpdump iproute2 iputils-ping openssl procps)
 # tests/systemd: a real systemd as PID 1 of a lab (systemd), unshare/nsenter/setpriv (util-linux), script (bsdutils)
 APT_PACKAGES+=(systemd util-linux bsdutils)
+APT_PACKAGES+=(strace) # tests/xfrm/capture.py: what `ip xfrm` sends, as reference vectors
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -68,4 +69,6 @@ if ! VIRTUAL_ENV="$PWD/.venv" .venv/bin/maturin develop --release >"$log" 2>&1; 
 fi
 rm -f "$log"
 .venv/bin/python -c "import simpletun._core" || { echo "setup: the extension did not build" >&2; exit 1; }
+# qemu + Debian's kernel with ESP, unpacked, for tests/kernel/ (the kernel-ESP interop harness)
+bash scripts/setup-kernel.sh
 echo "setup: ready (.venv/bin/simpletun)"

@@ -97,7 +97,9 @@ async def open_tunnel(spec: Spec) -> AsyncIterator[TunnelHandle]:
     tf = _as_file(spec)
     async with trio.open_nursery() as nursery:
         if tf is None:
-            handle = TunnelHandle(await nursery.start(session.run, spec))
+            from simpletun.service import runner
+
+            handle = TunnelHandle(await nursery.start(runner(spec), spec))
         else:
             from simpletun.service import Service
 

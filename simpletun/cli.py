@@ -15,6 +15,7 @@ import sys
 import trio
 
 from simpletun import keys, systemd
+from simpletun._core import ESP_IN_UDP_PORT
 from simpletun._errors import ConfigError, SimpletunError
 from simpletun.config import (
     DEFAULT_MTU,
@@ -29,6 +30,8 @@ from simpletun.config import (
     check_mtu,
     check_port,
     check_route,
+    check_transport,
+    default_mtu,
 )
 from simpletun.handshake import DEFAULT_CIPHER
 from simpletun.ratelimit import RateLimitFilter
@@ -48,7 +51,7 @@ Usage:
   -i IFNAME        tunnel device to use, created if missing (required)
   -s               server mode: accept clients
   -c HOST          client mode: connect to the server at HOST
-  -p PORT          TCP port to listen on / connect to (default {DEFAULT_PORT})
+  -p PORT          port to listen on / connect to (TCP {DEFAULT_PORT}, udp/raw {ESP_IN_UDP_PORT})
   -u               use a TUN device, layer 3 (default)
   -a               use a TAP device, layer 2
   -d               debug: log connection and session events
@@ -58,7 +61,10 @@ Usage:
   --plaintext      no encryption: the classic simpletun.c protocol (interoperates with it)
   --cipher NAME    aes-128-cbc (default), aes-192-cbc or aes-256-cbc; both ends must agree
   --addr CIDR      address the device, e.g. 10.0.0.1/24 (may be repeated)
-  --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU})
+  --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU} over TCP; over udp/raw the
+                   outer path's MTU less the ESP overhead, e.g. 1422 / 1438 on a 1500 path)
+  --transport T    tcp (default), udp (ESP-in-UDP, RFC 3948) or raw (ESP, IP protocol 50;
+                   handshake over UDP); both ends must agree
   --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
   --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
                    kept in place while the tunnel runs (also across reconnects), removed on exit
@@ -117,6 +123,7 @@ _METAVARS = {
     "--mtu": "N",
     "--route": "CIDR",
     "--listen": "ADDR",
+    "--transport": "T",
 }
 
 
@@ -149,6 +156,7 @@ _cidr = _checked(check_address)
 _route = _checked(check_route)
 _ifname = _checked(check_ifname)
 _host = _checked(check_host)
+_transport = _checked(check_transport)
 
 
 def _parser() -> _Parser:
@@ -156,7 +164,7 @@ def _parser() -> _Parser:
     p.add_argument("-i", dest="ifname", type=_ifname)
     p.add_argument("-s", dest="server", action="store_true")
     p.add_argument("-c", dest="host", type=_host)
-    p.add_argument("-p", dest="port", type=_port, default=DEFAULT_PORT)
+    p.add_argument("-p", dest="port", type=_port, default=None)
     p.add_argument("-u", dest="tun", action="store_true")
     p.add_argument("-a", dest="tap", action="store_true")
     p.add_argument("-d", dest="debug", action="store_true")
@@ -165,9 +173,10 @@ def _parser() -> _Parser:
     p.add_argument("--plaintext", action="store_true")
     p.add_argument("--cipher", type=_cipher)
     p.add_argument("--addr", dest="addrs", type=_cidr, action="append", default=[])
-    p.add_argument("--mtu", type=_mtu, default=DEFAULT_MTU)
+    p.add_argument("--mtu", type=_mtu, default=None)
     p.add_argument("--route", dest="routes", type=_route, action="append", default=[])
     p.add_argument("--listen", dest="listen", type=_host)
+    p.add_argument("--transport", type=_transport, default="tcp")
     return p
 
 
@@ -198,6 +207,11 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         if ns.key is None:
             raise UsageError(NO_KEY_HINT)
         key = keys.load_key(ns.key)  # ConfigError: one line
+    if ns.port is None:
+        ns.port = DEFAULT_PORT if ns.transport == "tcp" else ESP_IN_UDP_PORT
+    if ns.mtu is None:
+        target = ns.host if ns.host is not None else ns.listen
+        ns.mtu = default_mtu(ns.transport, target, tap=ns.tap, server=ns.server)
     return Config(
         server=ns.server,
         ifname=ns.ifname,
@@ -209,6 +223,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         mtu=ns.mtu,
         addresses=tuple(ns.addrs),
         routes=tuple(ns.routes),
+        transport=ns.transport,
     ), ns.debug
 
 
@@ -414,10 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     limiter = _setup_logging(debug)
     from functools import partial
 
-    from simpletun import session
+    from simpletun.service import runner
 
+    start = partial(runner(config), config)
     try:
-        return trio.run(_run, partial(session.run, config), limiter)
+        return trio.run(_run, start, limiter)
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 0
     except Exception as e:

@@ -79,6 +79,32 @@ def check_host(text: str) -> str:
     return host
 
 
+TRANSPORTS = ("tcp", "udp", "raw")
+
+
+def check_transport(name: str) -> str:
+    if name not in TRANSPORTS:
+        raise ConfigError(f"transport must be tcp, udp or raw, got {name!r}")
+    return name
+
+
+def default_mtu(transport: str, host: str | None, *, tap: bool, server: bool) -> int:
+    """The device MTU when none is given: 1500 over TCP (a stream carries packets of any size,
+    nothing fragments); over UDP and raw ESP, the outer path's MTU (the device the route to the
+    peer leaves by) less what ESP adds, so that no tunnel packet is fragmented. A server, whose
+    peers may come over IPv6, assumes the larger IPv6 header."""
+    if transport == "tcp":
+        return DEFAULT_MTU
+    from simpletun import netdev
+
+    try:
+        outer, ipv6 = netdev.path_mtu(None if server else host)
+    except Exception:  # no route or name yet: assume an Ethernet path
+        outer, ipv6 = DEFAULT_MTU, True
+    mtu = netdev.datagram_mtu(outer, ipv6=ipv6 or server, udp=transport == "udp", tap=tap)
+    return max(MIN_MTU, min(mtu, MAX_MTU))
+
+
 def check_port(value: int, *, server: bool = False) -> int:
     if not (0 if server else 1) <= value <= 65535:
         allowed = "0-65535 (0: any free port)" if server else "1-65535"
@@ -142,9 +168,15 @@ class Config:
     backoff_max: float = 2.0
     # How often the device is checked (deleted, renamed, downed) besides when a pump fails.
     device_check_interval: float = 0.5
+    transport: str = "tcp"  # "tcp" (simpletun.session), "udp" or "raw" (simpletun.datagram)
 
     def __post_init__(self) -> None:
         check_ifname(self.ifname)
+        check_transport(self.transport)
+        if self.transport != "tcp" and self.key is None:
+            raise ConfigError(
+                f"--transport {self.transport} needs --key: plaintext (simpletun.c) is TCP only"
+            )
         if not self.server and not self.host:
             raise ConfigError("a client needs the server's address (host)")
         if self.host is not None:

@@ -12,7 +12,7 @@
     key_file = "/etc/simpletun/st0.key"   # or: plaintext = true
     cipher = "aes-128-cbc"
     mtu = 1400                       # optional
-    transport = "tcp"                # the only one until the datagram data plane lands
+    transport = "tcp"                # or "udp" (ESP-in-UDP, port 4500) or "raw" (ESP)
     dataplane = "userspace"          # the only one until kernel ESP lands
     post_up = ["iptables -A FORWARD -i %i -j ACCEPT"]    # run by /bin/sh; %i = the device
     pre_down = ["iptables -D FORWARD -i %i -j ACCEPT"]
@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simpletun import keys
+from simpletun._core import ESP_IN_UDP_PORT
 from simpletun._errors import ConfigError
 from simpletun.config import (
-    DEFAULT_MTU,
     DEFAULT_PORT,
     Config,
     check_address,
@@ -48,6 +48,7 @@ from simpletun.config import (
     check_mtu,
     check_port,
     check_route,
+    default_mtu,
 )
 from simpletun.handshake import DEFAULT_CIPHER
 
@@ -75,7 +76,7 @@ PEER_KEYS = {
     "allowed_ips": list,
     "persistent_keepalive": int,
 }
-TRANSPORTS = ("tcp",)
+TRANSPORTS = ("tcp", "udp", "raw")
 DATAPLANES = ("userspace",)
 
 
@@ -193,7 +194,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     else:
         host, port_text = check_host(text), ""
     if not port_text:
-        return host, DEFAULT_PORT
+        return host, 0  # the transport's default port, filled in by loads()
     try:
         port = int(port_text, 10)
     except ValueError:
@@ -318,6 +319,12 @@ def loads(text: str, path: Path) -> TunnelFile:
         if client:
             raise w.error("interface", "listen_address", "only a server listens")
         listen_address = check("listen_address", check_host, listen_address)
+    default_port = DEFAULT_PORT if transport == "tcp" else ESP_IN_UDP_PORT
+    peers = [
+        Peer(p.name, (p.endpoint[0], p.endpoint[1] or default_port), p.allowed_ips,
+             p.persistent_keepalive) if p.endpoint else p
+        for p in peers
+    ]  # fmt: skip
     routes = tuple(r for p in peers for r in p.allowed_ips)
     config = Config(
         server=not client,
@@ -327,7 +334,15 @@ def loads(text: str, path: Path) -> TunnelFile:
         tap=mode == "tap",
         key=key,
         cipher=cipher or DEFAULT_CIPHER,
-        mtu=mtu if mtu is not None else DEFAULT_MTU,
+        mtu=mtu
+        if mtu is not None
+        else default_mtu(
+            transport,
+            peers[0].endpoint[0] if client else listen_address,
+            tap=mode == "tap",
+            server=not client,
+        ),
+        transport=transport,
         addresses=addresses,
         routes=routes,
         keepalive=peers[0].persistent_keepalive if peers else None,
@@ -364,6 +379,7 @@ def dumps(tf: TunnelFile) -> str:
         return "[" + ", ".join(q(str(i)) for i in items) + "]"
 
     out = ["[interface]", f"name = {q(c.ifname)}", f"mode = {q('tap' if c.tap else 'tun')}"]
+    out.append(f"transport = {q(c.transport)}")
     if c.addresses:
         out.append(f"address = {arr(c.addresses)}")
     if c.server:

@@ -14,16 +14,14 @@ import trio
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from simpletun._core import AUTH_KEY_LEN, CONTROL_MARKER, MIN_SPI
 from simpletun._errors import HandshakeError
 
 VERSION = 1
-CONTROL_MARKER = b"\x00\x00\x00\x00"
 NONCE_LEN = 32
 MAC_LEN = 32
-AUTH_KEY_LEN = 32
 MAX_CONTROL_FRAME = 256
 DEFAULT_TIMEOUT = 5.0
-MIN_SPI = 256
 
 # Cipher suite id on the wire -> (name, encryption key length). The integrity algorithm is
 # always HMAC-SHA-256-128 with a 32-byte key.

@@ -219,6 +219,49 @@ def set_routes(dev: Device, routes) -> tuple[list[Network], list[Network]]:
     return done.routes, gone
 
 
+# Bytes a datagram transport adds around an inner packet of length n (AES-CBC + 16-byte ICV):
+# outer IP header, UDP header (ESP-in-UDP only), ESP header 8, IV 16, the ciphertext (n + 2
+# trailer bytes padded to 16), ICV 16.
+ESP_FIXED = 8 + 16 + 16
+TAP_HEADER = 18  # Ethernet + one VLAN tag: what a TAP frame adds to the device MTU
+
+
+def datagram_mtu(outer_mtu: int, *, ipv6: bool, udp: bool, tap: bool = False) -> int:
+    """The largest device MTU whose packets fit one outer datagram of ``outer_mtu`` bytes."""
+    room = outer_mtu - (40 if ipv6 else 20) - (8 if udp else 0) - ESP_FIXED
+    inner = (room // 16) * 16 - 2
+    return inner - (TAP_HEADER if tap else 0)
+
+
+def path_mtu(host: str | None) -> tuple[int, bool]:
+    """(MTU of the device the route to ``host`` leaves by, whether it is IPv6); for no host (a
+    server), the device of the IPv4 default route, else 1500."""
+    import ipaddress as ip
+
+    from pyroute2 import IPRoute, NetlinkError
+
+    dst = "0.0.0.0" if host is None else host
+    try:
+        addr = ip.ip_address(dst)
+    except ValueError:
+        infos = socket.getaddrinfo(dst, None, type=socket.SOCK_DGRAM)
+        addr = ip.ip_address(infos[0][4][0])
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=str(addr), family=family) if host else []
+            oif = routes[0].get_attr("RTA_OIF") if routes else None
+            if oif is None:
+                default = [r for r in ipr.get_routes(family=family, table=254) if r["dst_len"] == 0]
+                oif = default[0].get_attr("RTA_OIF") if default else None
+            if oif is None:
+                return 1500, addr.version == 6
+            link = ipr.get_links(oif)[0]
+            return link.get_attr("IFLA_MTU") or 1500, addr.version == 6
+        except (NetlinkError, IndexError):
+            return 1500, addr.version == 6
+
+
 def check_device(dev: Device) -> str:
     """DEVICE_OK, DEVICE_DOWN (up flag, an address or a route missing) or DEVICE_GONE."""
     from pyroute2 import IPRoute, NetlinkError

@@ -23,6 +23,15 @@ log = logging.getLogger("simpletun.service")
 RESTART_FIELDS = ("server", "ifname", "host", "port", "tap", "key", "cipher", "mtu", "addresses")
 
 
+def runner(config):
+    """The tunnel loop for the config's transport."""
+    if config.transport == "tcp":
+        return session.run
+    from simpletun import datagram
+
+    return datagram.run
+
+
 class Service:
     """A running tunnel from a file: ``tunnel`` is the live :class:`session.Tunnel`."""
 
@@ -64,9 +73,14 @@ class Service:
             removed: list = []
             if new.config.routes != old.routes and self.tunnel is not None:
                 dev = self.tunnel.device
-                added, removed = await trio.to_thread.run_sync(
-                    netdev.set_routes, dev, new.config.routes
-                )
+                try:
+                    added, removed = await trio.to_thread.run_sync(
+                        netdev.set_routes, dev, new.config.routes
+                    )
+                except SimpletunError as e:  # e.g. a route in the way: keep running as before
+                    log.error("reload failed, routes left as they were: %s", e)
+                    systemd.notify("READY=1")
+                    return {"ok": False, "error": str(e)}
                 self.tunnel.config = replace(self.tunnel.config, routes=new.config.routes)
             keep = {f: getattr(old, f) for f in needs}
             self.file = replace(new, config=replace(new.config, **keep))
@@ -122,7 +136,7 @@ class Service:
         """Run until :meth:`stop` (or cancellation). pre_down runs before the device goes."""
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve, self.name, self.handle)
-            self.tunnel = await nursery.start(session.run, self.file.config)
+            self.tunnel = await nursery.start(runner(self.file.config), self.file.config)
             try:
                 with self._cancel:
                     await trio.to_thread.run_sync(self._hooks, "post_up", self.file.post_up)

@@ -105,7 +105,7 @@ BAD = [
     ('[interface]\nplaintext = true\n[[peer]]\nendpoint = "a..b:5"\n', ":4: [[peer]] #1 endpoint: 'a..b' is not a valid host name"),
     ('[interface]\nplaintext = true\nlisten_port = 5\n[[peer]]\nallowed_ips = ["10.0.0.1/8"]\n', "allowed_ips: route '10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8?"),
     ('[interface]\nplaintext = true\nlisten_port = 5\n[[peer]]\n[[peer]]\n', "only one [[peer]] per tunnel in this version"),
-    ('[interface]\nplaintext = true\nlisten_port = 5\ntransport = "udp"\n', "transport: 'udp' is not available in this version"),
+    ('[interface]\nplaintext = true\nlisten_port = 5\ntransport = "quic"\n', "transport: 'quic' is not available in this version"),
     ('[interface]\nplaintext = true\nlisten_port = 5\nmode = "tcp"\n', 'mode: must be "tun" or "tap"'),
     ('[interface]\nplaintext = true\nlisten_port = 5\nkey_file = "x"\n', "plaintext = true and key_file exclude each other"),
     ('[interface]\nlisten_port = 5\nkey_file = "nope.key"\n', "key_file: "),
@@ -139,3 +139,37 @@ def test_missing_file_and_bad_commands(tmp_path, capsys, monkeypatch):
     assert cli.main(["down"]) == 2
     assert cli.main(["status", "--bogus"]) == 2
     assert "unknown option '--bogus'" in capsys.readouterr().err
+
+
+def test_datagram_mtu_leaves_room_for_esp():
+    from simpletun.netdev import datagram_mtu
+
+    assert datagram_mtu(1500, ipv6=False, udp=True) == 1422
+    assert datagram_mtu(1500, ipv6=False, udp=False) == 1438
+    assert datagram_mtu(1500, ipv6=True, udp=True) == 1406
+    assert datagram_mtu(1500, ipv6=False, udp=True, tap=True) == 1404
+    # the check: the largest packet plus ESP fits the outer MTU exactly or with < 16 to spare
+    from simpletun._core import esp_encap_len
+
+    for outer in (1280, 1400, 1500, 9000):
+        for v6, udp in ((False, True), (True, True), (False, False), (True, False)):
+            m = datagram_mtu(outer, ipv6=v6, udp=udp)
+            wire = (40 if v6 else 20) + (8 if udp else 0) + esp_encap_len(m)
+            assert outer - 16 < wire <= outer, (outer, v6, udp, m, wire)
+
+
+def test_udp_file_defaults_port_4500_and_an_mtu_from_the_path(tmp_path, keyfile):
+    text = f"""
+[interface]
+transport = "udp"
+key_file = "{keyfile}"
+
+[[peer]]
+endpoint = "127.0.0.1"
+"""
+    tf = configfile.load(str(write(tmp_path, text)))
+    assert tf.config.transport == "udp" and tf.config.port == 4500
+    # the route to 127.0.0.1 leaves by lo (MTU 65536): capped at the largest MTU we allow
+    assert tf.config.mtu == 65000
+    again = configfile.loads(configfile.dumps(tf), tf.path)
+    assert again.config == tf.config

@@ -4,6 +4,8 @@ scripts/soak.sh). Each mode runs for ``--seconds`` and prints one JSON line of w
   idle HOST PORT [--conns N]     keep N idle TCP connections open, reopening each one as soon as
                                  it is dropped (no key needed): the lock-out attempt
   garbage HOST PORT              connect, send an 0xffff length prefix and junk, repeat
+  forge-udp PORT --mode M        the same over UDP (the datagram transports' handshake):
+                                 M = error or random
   forge-server PORT --mode M     answer every ClientHello in the server's place with
                                  M = error (a 9-byte Error frame), random (a random ServerHello)
                                  or recorded (a real ServerHello for another session's hello,
@@ -139,6 +141,28 @@ def forge_server(port: int, mode: str, seconds: float, key_file: str | None) -> 
     return {"mode": f"forge-{mode}", "answered": answered}
 
 
+def forge_udp(port: int, mode: str, seconds: float) -> dict:
+    answered = 0
+    deadline = time.monotonic() + seconds
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("", port))
+        s.settimeout(0.2)
+        print(json.dumps({"listening": port}), flush=True)
+        while time.monotonic() < deadline:
+            try:
+                _, addr = s.recvfrom(2048)
+            except TimeoutError:
+                continue
+            if mode == "error":
+                reply = ERROR_FRAME[2:]  # the same Error message, without the TCP length
+            else:
+                reply = b"\0\0\0\0" + bytes([2, 1, 1]) + os.urandom(64)
+            s.sendto(reply, addr)
+            answered += 1
+    return {"mode": f"forge-udp-{mode}", "answered": answered}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -153,13 +177,18 @@ def main() -> None:
     f.add_argument("port", type=int)
     f.add_argument("--mode", choices=["error", "random", "recorded"], required=True)
     f.add_argument("--key")
-    for sp in (a, g, f):
+    u = sub.add_parser("forge-udp")
+    u.add_argument("port", type=int)
+    u.add_argument("--mode", choices=["error", "random"], required=True)
+    for sp in (a, g, f, u):
         sp.add_argument("--seconds", type=float, default=10.0)
     ns = p.parse_args()
     if ns.cmd == "idle":
         out = idle(ns.host, ns.port, ns.conns, ns.seconds)
     elif ns.cmd == "garbage":
         out = garbage(ns.host, ns.port, ns.seconds)
+    elif ns.cmd == "forge-udp":
+        out = forge_udp(ns.port, ns.mode, ns.seconds)
     else:
         out = forge_server(ns.port, ns.mode, ns.seconds, ns.key)
     print(json.dumps(out), flush=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from .dgtunnel import DatagramPair
 from .lab import TUN_A_ADDR, VETH_A, VETH_A_ADDR, Capture, wait_until
 from .tunnel import DEV, PORT, TunnelPair
 
@@ -147,6 +148,40 @@ def test_deleted_device_is_recreated_without_a_busy_loop(lab, keys, checked, sid
         f"{' and route' if side == 'client' else ''}, ping back after {back:.2f} s, "
         f"{ups} session(s) in the next 3 s; downed -> restored, ping back after {restored:.2f} s"
     )
+
+
+@pytest.mark.parametrize("mode", ["error", "random"])
+def test_forged_udp_reply_never_ends_a_datagram_client(lab, keys, checked, mode):
+    fport = 4600
+    forge = attack(lab, lab.ns_a, "forge-udp", str(fport), "--mode", mode, "--seconds", "30")
+    forge.wait_for_output('"listening"', 10, stream="stdout")
+    t = DatagramPair(
+        lab, transport="udp", key_a=keys[0], client_port=fport, client_args=("--route", ROUTED)
+    )
+    t.start_client()
+    assert wait_until(lambda: t.client.stderr().count("failed:") >= 2, 30), t.logs()
+    assert t.client.alive(), f"a forged reply ended the client\n{t.logs()}"
+    routes = lab.run(lab.ns_b, ["ip", "-o", "route", "show", "dev", DEV]).stdout.decode()
+    assert ROUTED in routes and DEV in lab.links(lab.ns_b)
+    first = next(ln for ln in t.client.stderr().splitlines() if "failed:" in ln)
+    t.client.stop()
+    assert t.client.popen.returncode == 0
+    forge.stop()
+    checked.append(f"UDP forged {mode}: client kept retrying with device and route; {first!r}")
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_deleted_device_is_recreated_on_the_datagram_transport(lab, keys, checked, side):
+    t = DatagramPair(lab, transport="udp", key_a=keys[0], mtu=1400)
+    t.start(timeout=20)
+    proc, ns = (t.client, lab.ns_b) if side == "client" else (t.server, lab.ns_a)
+    lab.run(ns, ["ip", "link", "del", DEV])
+    deleted = time.monotonic()
+    t.wait_up(timeout=30)  # the client re-handshakes once the server stops answering
+    back = time.monotonic() - deleted
+    assert "was deleted; recreating it" in proc.stderr(), t.logs()
+    assert proc.alive() and DEV in lab.links(ns)
+    checked.append(f"UDP {side}: {DEV} deleted -> recreated, ping back after {back:.2f} s")
 
 
 def test_flood_keeps_the_log_under_10kb_per_second(lab, keys, checked):

@@ -158,3 +158,39 @@ def test_default_route_through_the_tunnel_keeps_the_tunnel_up(
         "the server via the veth; other traffic -> st0, tunnel connection -> veth, one session, "
         "ping 5/5; after down the route table is exactly as before"
     )
+
+
+def test_udp_tunnel_from_config_files(lab, dirs, keys, checked, monkeypatch):
+    """transport = "udp" in the files: up, status (same fields), the MTU from the path, down."""
+    key = keys[0]
+    srv = dirs / "srv" / f"{DEV}.toml"
+    srv.parent.mkdir(exist_ok=True)
+    srv.write_text(
+        f'[interface]\naddress = ["{TUN_A_ADDR}/24"]\nlisten_port = 4500\ntransport = "udp"\n'
+        f'key_file = "{key}"\n'
+    )
+    cli = dirs / "cli" / f"{DEV}.toml"
+    cli.parent.mkdir(exist_ok=True)
+    cli.write_text(
+        f'[interface]\naddress = ["{TUN_B_ADDR}/24"]\ntransport = "udp"\nkey_file = "{key}"\n\n'
+        f'[[peer]]\nendpoint = "{VETH_A_ADDR}"\nallowed_ips = ["10.96.0.0/24"]\n'
+    )
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(dirs / "run-a"))
+    assert st(lab, lab.ns_a, "up", str(srv)).returncode == 0
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(dirs / "run-b"))
+    b = st(lab, lab.ns_b, "up", str(cli))
+    assert b.returncode == 0, b.stderr
+    lab.wait_ping(lab.ns_b, TUN_A_ADDR, 20)
+    code, s = status(lab, lab.ns_b)
+    assert code == 0 and s["transport"] == "udp" and s["up"], s
+    assert s["mtu"] == 1422, s  # veth MTU 1500 less IPv4 + UDP + ESP
+    assert "10.96.0.0/24 dev st0" in routes(lab, lab.ns_b)
+    assert s["peers"][0]["endpoint"] == f"{VETH_A_ADDR}:4500"
+    assert st(lab, lab.ns_b, "down", DEV).returncode == 0
+    assert DEV not in lab.links(lab.ns_b)
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(dirs / "run-a"))
+    assert st(lab, lab.ns_a, "down", DEV).returncode == 0
+    checked.append(
+        f"transport=udp from TOML: up, status JSON up with mtu {s['mtu']} (derived), "
+        "route on st0, down"
+    )

@@ -10,11 +10,17 @@
 //! OS-facing modules (the only ones that touch file descriptors):
 //! - [`tun`]: opening TUN/TAP devices through `/dev/net/tun`.
 //! - [`pump`]: the data-plane threads moving packets between a TUN device and a TCP socket.
+//! - [`dp`]: data plane v2: one device, many peers, datagram transports (ESP-in-UDP, raw
+//!   ESP) with in-memory fakes, an SA table, control messages and events for Python.
+//!
+//! [`proto`] holds the protocol constants exported to Python.
 
 pub mod crypto;
+pub mod dp;
 pub mod drop;
 pub mod esp;
 pub mod frame;
+pub mod proto;
 pub mod pump;
 pub mod replay;
 pub mod tun;

@@ -7,6 +7,7 @@ use pyo3::types::PyTuple;
 use simpletun_core::{esp, DropReason};
 
 mod dataplane;
+mod dp;
 mod errors;
 mod frame;
 mod sa;
@@ -27,5 +28,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let names: Vec<&str> = DropReason::ALL.iter().map(|r| r.name()).collect();
     m.add("DROP_REASONS", PyTuple::new(m.py(), names)?)?;
     dataplane::register(m)?;
+    dp::register(m)?;
     Ok(())
 }

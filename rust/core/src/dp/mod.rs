@@ -1,0 +1,917 @@
+//! Data plane v2: one device, many peers, datagram transports, an SA table.
+//!
+//! - A [`Device`] (TUN/TAP or [`device::FakeDevice`]) and any number of [`Transport`]s
+//!   ([`udp::UdpTransport`] ESP-in-UDP, [`rawesp::RawEspTransport`] plain ESP,
+//!   [`fake::FakeSocket`] in memory).
+//! - Peers, each on one transport, with allowed inner prefixes: outbound packets pick their
+//!   peer by longest-prefix match on the inner destination; inbound packets whose inner source
+//!   is outside the sending peer's prefixes are dropped (`spoofed`). TAP devices have one peer.
+//! - The SA table: inbound SPI → SA (→ peer); per peer one current outbound SA. Installing and
+//!   removing SAs while traffic flows is safe; a removed inbound SA may stay valid for a grace
+//!   period (rekey without loss). Removed SAs are wiped ([`zero::Zeroizing`]).
+//! - Endpoints: a peer's endpoint follows the source of its latest authenticated packet.
+//! - Control path: datagrams with the non-ESP marker, and events ("no SA", "SA near its
+//!   limit"), go to a bounded queue with a readable eventfd; Python sends control datagrams
+//!   through [`DataPlane::send_control`].
+//!
+//! Threads: one reads the device (encapsulate, route, batch-send per transport), one per
+//! transport receives (classify, decapsulate, check, write to the device). Each takes the
+//! table's read lock once per batch; configuration changes take the write lock between batches.
+
+pub mod counters;
+pub mod device;
+pub mod fake;
+pub mod rawesp;
+pub mod route;
+pub mod stream;
+mod sys;
+pub mod transport;
+pub mod udp;
+pub mod zero;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+pub use counters::{Drop, Traffic};
+pub use device::{Device, FakeDevice, TunDevice};
+pub use route::Prefix;
+pub use transport::{Datagram, Transport, TransportKind};
+
+use crate::drop::DropReason;
+use crate::esp::{
+    infer_next_header, SaStats, SecurityAssociation, NH_ETHERNET, NH_IPV4, NH_IPV6, NH_NONE,
+    PAYLOAD_OFFSET,
+};
+use crate::proto::{NAT_KEEPALIVE, NON_ESP_MARKER};
+use crate::tun::Kind;
+use counters::{add, now_ms};
+use route::{inner_addrs, RouteTable};
+use zero::Zeroizing;
+
+/// Packets per batch (device reads per send, datagrams per `recvmmsg`).
+pub const BATCH: usize = 64;
+/// Largest packet handled (inner or datagram).
+pub const MAX_PACKET: usize = 65535;
+/// Room left in front of each device packet for the ESP header.
+pub const HEADROOM: usize = PAYLOAD_OFFSET;
+const BUF_LEN: usize = HEADROOM + MAX_PACKET + 64;
+/// Poll timeout of the threads (expiry sweeps happen at least this often).
+const TICK_MS: i32 = 100;
+
+/// Something the control plane must hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A datagram starting with the non-ESP marker (the marker included in `payload`).
+    Control {
+        transport: usize,
+        from: SocketAddr,
+        payload: Vec<u8>,
+    },
+    /// An outbound packet for `peer` was dropped because it has no outbound SA (reported once
+    /// until one is installed).
+    NoSa { peer: u32 },
+    /// The outbound SA `spi` of `peer` passed the soft sequence-number or byte limit (once).
+    SaLimit {
+        peer: u32,
+        spi: u32,
+        seq: u64,
+        bytes: u64,
+    },
+}
+
+/// Limits of the data plane.
+#[derive(Debug, Clone)]
+pub struct DpConfig {
+    /// Outbound SA sequence number at which [`Event::SaLimit`] fires.
+    pub soft_seq: u64,
+    /// Outbound SA inner bytes at which [`Event::SaLimit`] fires.
+    pub soft_bytes: u64,
+    /// Most events held for the control plane; more are dropped and counted.
+    pub queue_len: usize,
+}
+
+impl Default for DpConfig {
+    fn default() -> DpConfig {
+        DpConfig {
+            soft_seq: (u32::MAX as u64) - (1 << 24),
+            soft_bytes: 1 << 40,
+            queue_len: 1024,
+        }
+    }
+}
+
+/// A configuration mistake (the caller's input), with a message saying how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DpError(pub String);
+
+impl fmt::Display for DpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for DpError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, DpError> {
+    Err(DpError(msg.into()))
+}
+
+struct OutSa {
+    sa: Zeroizing<SecurityAssociation>,
+    warned: bool,
+}
+
+struct Peer {
+    id: u32,
+    transport: usize,
+    allowed: Vec<Prefix>,
+    endpoint: Mutex<Option<SocketAddr>>,
+    out: Mutex<Option<OutSa>>,
+    no_sa_reported: AtomicBool,
+    traffic: Traffic,
+}
+
+struct InSa {
+    peer: Arc<Peer>,
+    sa: Mutex<Zeroizing<SecurityAssociation>>,
+    /// Set when removed with a grace period: valid until then.
+    expires: Mutex<Option<Instant>>,
+    last_rx_ms: AtomicU64,
+}
+
+#[derive(Default)]
+struct Tables {
+    peers: HashMap<u32, Arc<Peer>>,
+    routes: RouteTable,
+    inbound: HashMap<u32, Arc<InSa>>,
+    transports: Vec<Arc<dyn Transport>>,
+    next_peer: u32,
+}
+
+struct Queue {
+    q: Mutex<VecDeque<Event>>,
+    fd: OwnedFd,
+    cap: usize,
+}
+
+impl Queue {
+    fn push(&self, e: Event) -> bool {
+        let mut q = self.q.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= self.cap {
+            return false;
+        }
+        q.push_back(e);
+        sys::signal(&self.fd);
+        true
+    }
+    fn take(&self, max: usize) -> Vec<Event> {
+        let mut q = self.q.lock().unwrap_or_else(|e| e.into_inner());
+        let n = q.len().min(max);
+        let v: Vec<Event> = q.drain(..n).collect();
+        if q.is_empty() {
+            sys::clear(&self.fd);
+        }
+        v
+    }
+}
+
+struct Inner {
+    device: Arc<dyn Device>,
+    config: DpConfig,
+    tables: RwLock<Tables>,
+    totals: Traffic,
+    events: Queue,
+    stopping: AtomicBool,
+    stop_fd: OwnedFd,
+    done_fd: OwnedFd,
+    live: AtomicU64,
+    exit: OnceLock<String>,
+    expiring: AtomicBool,
+}
+
+impl Inner {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
+        self.tables.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
+        self.tables.write().unwrap_or_else(|e| e.into_inner())
+    }
+    fn end(&self, why: String) {
+        let _ = self.exit.set(why);
+        self.stopping.store(true, Ordering::Relaxed);
+        sys::signal(&self.stop_fd);
+    }
+    fn drop_pkt(&self, peer: Option<&Peer>, d: Drop) {
+        self.totals.drop(d);
+        if let Some(p) = peer {
+            p.traffic.drop(d);
+        }
+    }
+    fn event(&self, e: Event) {
+        if !self.events.push(e) {
+            self.totals.drop(Drop::ControlOverflow);
+        }
+    }
+    /// Forget inbound SAs whose grace period is over (they are wiped when the last batch
+    /// using them is done).
+    fn sweep(&self) {
+        if !self.expiring.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        let mut t = self.write();
+        t.inbound
+            .retain(|_, s| !lock(&s.expires).is_some_and(|e| e <= now));
+        let more = t.inbound.values().any(|s| lock(&s.expires).is_some());
+        self.expiring.store(more, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Snapshot of one SA's counters.
+#[derive(Debug, Clone)]
+pub struct SaInfo {
+    pub spi: u32,
+    pub peer: u32,
+    pub inbound: bool,
+    pub stats: SaStats,
+    pub tx_seq: u64,
+    pub rx_highest_seq: u64,
+    pub last_rx_ms: u64,
+    /// Inbound SA removed with a grace period that has not ended yet.
+    pub expiring: bool,
+}
+
+/// A running data plane. Dropping it stops it.
+pub struct DataPlane {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl DataPlane {
+    /// Start the data plane on `device` (its device thread starts at once).
+    pub fn start(device: Arc<dyn Device>, config: DpConfig) -> io::Result<DataPlane> {
+        let dp = DataPlane::without_threads(device, config)?;
+        dp.spawn("simpletun-dev", device_loop)?;
+        Ok(dp)
+    }
+
+    /// A data plane whose threads are never started: datagrams are fed with
+    /// [`receive`](Self::receive) (fuzzing and deterministic tests).
+    #[doc(hidden)]
+    pub fn without_threads(device: Arc<dyn Device>, config: DpConfig) -> io::Result<DataPlane> {
+        let inner = Arc::new(Inner {
+            device,
+            events: Queue {
+                q: Mutex::new(VecDeque::new()),
+                fd: sys::eventfd()?,
+                cap: config.queue_len.max(1),
+            },
+            config,
+            tables: RwLock::new(Tables::default()),
+            totals: Traffic::default(),
+            stopping: AtomicBool::new(false),
+            stop_fd: sys::eventfd()?,
+            done_fd: sys::eventfd()?,
+            live: AtomicU64::new(0),
+            exit: OnceLock::new(),
+            expiring: AtomicBool::new(false),
+        });
+        Ok(DataPlane {
+            inner,
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Register a transport without its receive thread (see [`without_threads`](Self::without_threads)).
+    #[doc(hidden)]
+    pub fn add_transport_without_thread(&self, t: Arc<dyn Transport>) -> usize {
+        let mut tables = self.inner.write();
+        tables.transports.push(t);
+        tables.transports.len() - 1
+    }
+
+    /// Handle one datagram as if transport `transport` had received it from `from`.
+    #[doc(hidden)]
+    pub fn receive(&self, transport: usize, from: SocketAddr, data: &mut [u8]) {
+        let t = self.inner.read();
+        let Some(udp) = t
+            .transports
+            .get(transport)
+            .map(|tr| tr.kind().carries_control())
+        else {
+            return;
+        };
+        receive_one(
+            &self.inner,
+            &t,
+            transport,
+            udp,
+            data,
+            from,
+            false,
+            (now_ms(), Instant::now()),
+        );
+    }
+
+    fn spawn(
+        &self,
+        name: &str,
+        body: impl FnOnce(&Inner) -> String + Send + 'static,
+    ) -> io::Result<()> {
+        let inner = self.inner.clone();
+        inner.live.fetch_add(1, Ordering::AcqRel);
+        let h = thread::Builder::new().name(name.into()).spawn(move || {
+            let why = panic::catch_unwind(AssertUnwindSafe(|| body(&inner)))
+                .unwrap_or_else(|_| "internal error: a data-plane thread panicked".into());
+            inner.end(why);
+            if inner.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+                sys::signal(&inner.done_fd);
+            }
+        });
+        match h {
+            Ok(h) => {
+                lock(&self.threads).push(h);
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.live.fetch_sub(1, Ordering::AcqRel);
+                Err(e)
+            }
+        }
+    }
+
+    /// Add a transport (its receive thread starts at once); returns its id.
+    pub fn add_transport(&self, t: Arc<dyn Transport>) -> io::Result<usize> {
+        let id = {
+            let mut tables = self.inner.write();
+            tables.transports.push(t.clone());
+            tables.transports.len() - 1
+        };
+        self.spawn(&format!("simpletun-rx{id}"), move |inner| {
+            transport_loop(inner, id, t)
+        })?;
+        Ok(id)
+    }
+
+    /// Add a peer on transport `transport` allowed to use `allowed` inner prefixes, with an
+    /// initial endpoint (`None`: learnt from its first authenticated packet).
+    pub fn add_peer(
+        &self,
+        transport: usize,
+        allowed: &[Prefix],
+        endpoint: Option<SocketAddr>,
+    ) -> Result<u32, DpError> {
+        let mut t = self.inner.write();
+        if transport >= t.transports.len() {
+            return err(format!(
+                "no transport {transport}; add the transport before its peers"
+            ));
+        }
+        if self.inner.device.kind() == Kind::Tap && !t.peers.is_empty() {
+            return err("a TAP device carries Ethernet frames for exactly one peer; use a TUN device (-u) for several peers, or one TAP device per peer");
+        }
+        for p in allowed {
+            if let Some(owner) = t.routes.owner(p) {
+                return err(format!("prefix {p} is already allowed for peer {owner}; each prefix belongs to one peer"));
+            }
+        }
+        let id = t.next_peer;
+        t.next_peer += 1;
+        for p in allowed {
+            t.routes.insert(*p, id);
+        }
+        t.peers.insert(
+            id,
+            Arc::new(Peer {
+                id,
+                transport,
+                allowed: allowed.to_vec(),
+                endpoint: Mutex::new(endpoint),
+                out: Mutex::new(None),
+                no_sa_reported: AtomicBool::new(false),
+                traffic: Traffic::default(),
+            }),
+        );
+        Ok(id)
+    }
+
+    /// Remove a peer and all its SAs (wiped).
+    pub fn remove_peer(&self, peer: u32) -> Result<(), DpError> {
+        let mut t = self.inner.write();
+        let Some(p) = t.peers.remove(&peer) else {
+            return err(format!("no peer {peer}"));
+        };
+        t.routes.remove_peer(peer);
+        t.inbound.retain(|_, s| s.peer.id != peer);
+        lock(&p.out).take();
+        Ok(())
+    }
+
+    fn peer(&self, peer: u32) -> Result<Arc<Peer>, DpError> {
+        match self.inner.read().peers.get(&peer) {
+            Some(p) => Ok(p.clone()),
+            None => err(format!("no peer {peer}")),
+        }
+    }
+
+    pub fn set_endpoint(&self, peer: u32, ep: Option<SocketAddr>) -> Result<(), DpError> {
+        *lock(&self.peer(peer)?.endpoint) = ep;
+        Ok(())
+    }
+
+    pub fn endpoint(&self, peer: u32) -> Result<Option<SocketAddr>, DpError> {
+        Ok(*lock(&self.peer(peer)?.endpoint))
+    }
+
+    /// Install an inbound SA for `peer` (keyed by its SPI, which must be unused).
+    pub fn add_inbound_sa(&self, peer: u32, sa: SecurityAssociation) -> Result<(), DpError> {
+        let mut t = self.inner.write();
+        let Some(p) = t.peers.get(&peer).cloned() else {
+            return err(format!("no peer {peer}"));
+        };
+        let spi = sa.spi();
+        if t.inbound.contains_key(&spi) {
+            return err(format!(
+                "inbound SPI {spi:#x} is already installed; remove it first or pick another"
+            ));
+        }
+        t.inbound.insert(
+            spi,
+            Arc::new(InSa {
+                peer: p,
+                sa: Mutex::new(Zeroizing::new(sa)),
+                expires: Mutex::new(None),
+                last_rx_ms: AtomicU64::new(0),
+            }),
+        );
+        Ok(())
+    }
+
+    /// Remove inbound SA `spi`, at once (`grace` zero) or once `grace` has passed.
+    pub fn remove_inbound_sa(&self, spi: u32, grace: Duration) -> Result<(), DpError> {
+        let mut t = self.inner.write();
+        if grace.is_zero() {
+            return match t.inbound.remove(&spi) {
+                Some(_) => Ok(()),
+                None => err(format!("no inbound SA with SPI {spi:#x}")),
+            };
+        }
+        match t.inbound.get(&spi) {
+            Some(s) => {
+                *lock(&s.expires) = Some(Instant::now() + grace);
+                self.inner.expiring.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            None => err(format!("no inbound SA with SPI {spi:#x}")),
+        }
+    }
+
+    /// Make `sa` the current outbound SA of `peer` (the previous one is wiped); `None` removes it.
+    pub fn set_outbound_sa(
+        &self,
+        peer: u32,
+        sa: Option<SecurityAssociation>,
+    ) -> Result<(), DpError> {
+        let p = self.peer(peer)?;
+        let new = sa.map(|sa| OutSa {
+            sa: Zeroizing::new(sa),
+            warned: false,
+        });
+        let has = new.is_some();
+        let old = std::mem::replace(&mut *lock(&p.out), new);
+        if has {
+            p.no_sa_reported.store(false, Ordering::Relaxed);
+        }
+        drop(old);
+        Ok(())
+    }
+
+    /// Send one control message (it must start with the non-ESP marker) on a UDP or stream
+    /// transport.
+    pub fn send_control(
+        &self,
+        transport: usize,
+        to: SocketAddr,
+        payload: &[u8],
+    ) -> Result<(), DpError> {
+        if payload.len() < 5 || payload[..4] != NON_ESP_MARKER || payload.len() > MAX_PACKET {
+            return err("a control message starts with the 4-byte non-ESP marker and a type byte, at most 65535 bytes");
+        }
+        let t = self.transport(transport)?;
+        if !t.kind().carries_control() {
+            return err(
+                "control messages travel on UDP and stream transports only (raw ESP carries ESP alone)",
+            );
+        }
+        if t.send_batch(&[(payload, to)]) == 1 {
+            add(&self.inner.totals.control_tx, 1);
+            Ok(())
+        } else {
+            err(format!("sending the control message to {to} failed"))
+        }
+    }
+
+    /// Send a NAT keepalive (one 0xFF byte) on a UDP transport.
+    pub fn send_keepalive(&self, transport: usize, to: SocketAddr) -> Result<(), DpError> {
+        let t = self.transport(transport)?;
+        t.send_batch(&[(&[NAT_KEEPALIVE], to)]);
+        Ok(())
+    }
+
+    fn transport(&self, id: usize) -> Result<Arc<dyn Transport>, DpError> {
+        match self.inner.read().transports.get(id) {
+            Some(t) => Ok(t.clone()),
+            None => err(format!("no transport {id}")),
+        }
+    }
+
+    /// Readable while events are waiting (never read it; [`take_events`](Self::take_events)).
+    pub fn events_fd(&self) -> RawFd {
+        self.inner.events.fd.as_raw_fd()
+    }
+
+    pub fn take_events(&self, max: usize) -> Vec<Event> {
+        self.inner.events.take(max)
+    }
+
+    pub fn totals(&self) -> &Traffic {
+        &self.inner.totals
+    }
+
+    pub fn peer_stats(&self, peer: u32) -> Result<Vec<(String, u64)>, DpError> {
+        Ok(self.peer(peer)?.traffic.entries())
+    }
+
+    pub fn peers(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.inner.read().peers.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Every installed SA (inbound, and each peer's current outbound).
+    pub fn sas(&self) -> Vec<SaInfo> {
+        let t = self.inner.read();
+        let mut v = Vec::new();
+        for (spi, s) in &t.inbound {
+            let sa = lock(&s.sa);
+            v.push(SaInfo {
+                spi: *spi,
+                peer: s.peer.id,
+                inbound: true,
+                stats: sa.stats().clone(),
+                tx_seq: sa.tx_seq(),
+                rx_highest_seq: sa.rx_highest_seq(),
+                last_rx_ms: s.last_rx_ms.load(Ordering::Relaxed),
+                expiring: lock(&s.expires).is_some(),
+            });
+        }
+        for p in t.peers.values() {
+            if let Some(o) = lock(&p.out).as_ref() {
+                v.push(SaInfo {
+                    spi: o.sa.spi(),
+                    peer: p.id,
+                    inbound: false,
+                    stats: o.sa.stats().clone(),
+                    tx_seq: o.sa.tx_seq(),
+                    rx_highest_seq: 0,
+                    last_rx_ms: 0,
+                    expiring: false,
+                });
+            }
+        }
+        v.sort_by_key(|s| (s.peer, !s.inbound, s.spi));
+        v
+    }
+
+    /// Readable once every thread has ended.
+    pub fn done_fd(&self) -> RawFd {
+        self.inner.done_fd.as_raw_fd()
+    }
+
+    pub fn running(&self) -> bool {
+        self.inner.live.load(Ordering::Acquire) > 0
+    }
+
+    pub fn exit_reason(&self) -> Option<String> {
+        if self.running() {
+            None
+        } else {
+            self.inner.exit.get().cloned()
+        }
+    }
+
+    /// Stop every thread and wait for them; idempotent.
+    pub fn stop(&self) {
+        self.inner.end("stopped".into());
+        let hs: Vec<JoinHandle<()>> = lock(&self.threads).drain(..).collect();
+        for h in hs {
+            let _ = h.join();
+        }
+        // Release the transports (their sockets), peers and SAs (keys wiped) now rather than
+        // when the last reference to the data plane goes: a tunnel restarted on a recreated
+        // device binds the same port again at once.
+        let mut t = self.inner.write();
+        t.peers.clear();
+        t.inbound.clear();
+        t.transports.clear();
+    }
+}
+
+impl std::ops::Drop for DataPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn bufs() -> Vec<Vec<u8>> {
+    (0..BATCH).map(|_| vec![0u8; BUF_LEN]).collect()
+}
+
+/// Device → transports.
+fn device_loop(inner: &Inner) -> String {
+    let dev = inner.device.clone();
+    let kind = dev.kind();
+    let mut bufs = bufs();
+    // (buffer, esp length, inner length, transport, endpoint) of the packets of a batch.
+    let mut out: Vec<(usize, usize, usize, usize, SocketAddr)> = Vec::with_capacity(BATCH);
+    let mut last_sweep = Instant::now();
+    loop {
+        if inner.stopping.load(Ordering::Relaxed) {
+            return "stopped".into();
+        }
+        let [ready, _] = sys::poll_readable([dev.poll_fd(), inner.stop_fd.as_raw_fd()], TICK_MS);
+        if !ready {
+            inner.sweep();
+            continue;
+        }
+        out.clear();
+        let t = inner.read();
+        for (i, buf) in bufs.iter_mut().enumerate() {
+            let n = match dev.recv(&mut buf[HEADROOM..HEADROOM + MAX_PACKET]) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return "device closed".into()
+                }
+                Err(e) => return format!("device error: {e}"),
+            };
+            let pkt = &buf[HEADROOM..HEADROOM + n];
+            let (peer, nh) = match kind {
+                Kind::Tap => (t.peers.values().next().cloned(), NH_ETHERNET),
+                Kind::Tun => match (inner_addrs(pkt), infer_next_header(pkt)) {
+                    (Some((_, dst)), Some(nh)) => (
+                        t.routes
+                            .lookup(dst)
+                            .and_then(|id| t.peers.get(&id).cloned()),
+                        nh,
+                    ),
+                    _ => {
+                        inner.drop_pkt(None, DropReason::BadInner.into());
+                        continue;
+                    }
+                },
+            };
+            let Some(peer) = peer else {
+                inner.drop_pkt(None, Drop::NoRoute);
+                continue;
+            };
+            let Some(ep) = *lock(&peer.endpoint) else {
+                inner.drop_pkt(Some(&peer), Drop::NoEndpoint);
+                continue;
+            };
+            let mut o = lock(&peer.out);
+            let Some(osa) = o.as_mut() else {
+                drop(o);
+                inner.drop_pkt(Some(&peer), Drop::NoSa);
+                if !peer.no_sa_reported.swap(true, Ordering::Relaxed) {
+                    inner.event(Event::NoSa { peer: peer.id });
+                }
+                continue;
+            };
+            // The ESP packet starts HEADROOM - PAYLOAD_OFFSET = 0 bytes into the buffer.
+            match osa.sa.encap_in_place(&mut buf[..], n, nh) {
+                Ok(len) => {
+                    let (seq, bytes) = (osa.sa.tx_seq(), osa.sa.stats().encap_bytes);
+                    if !osa.warned
+                        && (seq >= inner.config.soft_seq || bytes >= inner.config.soft_bytes)
+                    {
+                        osa.warned = true;
+                        inner.event(Event::SaLimit {
+                            peer: peer.id,
+                            spi: osa.sa.spi(),
+                            seq,
+                            bytes,
+                        });
+                    }
+                    drop(o);
+                    add(&peer.traffic.tx_packets, 1);
+                    add(&peer.traffic.tx_bytes, n as u64);
+                    add(&peer.traffic.wire_tx_bytes, len as u64);
+                    out.push((i, len, n, peer.transport, ep));
+                }
+                Err(_) => {
+                    drop(o);
+                    inner.drop_pkt(Some(&peer), DropReason::SeqExhausted.into());
+                    if !peer.no_sa_reported.swap(true, Ordering::Relaxed) {
+                        inner.event(Event::NoSa { peer: peer.id });
+                    }
+                }
+            }
+        }
+        // One send per transport in use.
+        let mut done = 0;
+        let mut tid = 0;
+        while done < out.len() {
+            let mine: Vec<&(usize, usize, usize, usize, SocketAddr)> =
+                out.iter().filter(|o| o.3 == tid).collect();
+            if !mine.is_empty() {
+                let pkts: Vec<(&[u8], SocketAddr)> =
+                    mine.iter().map(|o| (&bufs[o.0][..o.1], o.4)).collect();
+                let sent = t.transports.get(tid).map_or(0, |tr| tr.send_batch(&pkts));
+                for _ in sent..pkts.len() {
+                    inner.totals.drop(Drop::SendFailed);
+                }
+                add(&inner.totals.tx_packets, sent as u64);
+                add(
+                    &inner.totals.tx_bytes,
+                    mine[..sent].iter().map(|o| o.2 as u64).sum(),
+                );
+                add(
+                    &inner.totals.wire_tx_bytes,
+                    mine[..sent].iter().map(|o| o.1 as u64).sum(),
+                );
+                done += mine.len();
+            }
+            tid += 1;
+        }
+        drop(t);
+        if last_sweep.elapsed() >= Duration::from_millis(TICK_MS as u64) {
+            last_sweep = Instant::now();
+            inner.sweep();
+        }
+    }
+}
+
+/// One transport → device.
+fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
+    let udp = tr.kind().carries_control();
+    let mut bufs = bufs();
+    let mut got: Vec<Datagram> = Vec::with_capacity(BATCH);
+    let mut last_sweep = Instant::now();
+    loop {
+        if inner.stopping.load(Ordering::Relaxed) {
+            return "stopped".into();
+        }
+        let [ready, _] = sys::poll_readable([tr.poll_fd(), inner.stop_fd.as_raw_fd()], TICK_MS);
+        if !ready {
+            inner.sweep();
+            continue;
+        }
+        got.clear();
+        if let Err(e) = tr.recv_batch(&mut bufs, &mut got) {
+            // ICMP errors surface as ECONNREFUSED etc. on UDP sockets: not fatal.
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
+            ) {
+                continue;
+            }
+            return format!("transport {id} error: {e}");
+        }
+        let t = inner.read();
+        let now = (now_ms(), Instant::now());
+        for dg in &got {
+            let d = &mut bufs[dg.buf][dg.start..dg.start + dg.len];
+            receive_one(inner, &t, id, udp, d, dg.from, dg.truncated, now);
+        }
+        drop(t);
+        if last_sweep.elapsed() >= Duration::from_millis(TICK_MS as u64) {
+            last_sweep = Instant::now();
+            inner.sweep();
+        }
+    }
+}
+
+/// Classify and handle one received datagram (the body of the receive loop; also called
+/// directly by tests and the fuzz target). Every datagram ends in exactly one counter.
+#[allow(clippy::too_many_arguments)]
+fn receive_one(
+    inner: &Inner,
+    t: &Tables,
+    id: usize,
+    udp: bool,
+    d: &mut [u8],
+    from: SocketAddr,
+    truncated: bool,
+    now: (u64, Instant),
+) {
+    let dev = &inner.device;
+    let kind = dev.kind();
+    add(&inner.totals.wire_rx_bytes, d.len() as u64);
+    if truncated {
+        inner.totals.drop(Drop::Truncated);
+        return;
+    }
+    if udp && d.len() == 1 && d[0] == NAT_KEEPALIVE {
+        add(&inner.totals.keepalives, 1);
+        return;
+    }
+    if d.len() >= 4 && d[..4] == NON_ESP_MARKER {
+        if !udp {
+            inner.totals.drop(DropReason::Control.into());
+            return;
+        }
+        let ev = Event::Control {
+            transport: id,
+            from,
+            payload: d.to_vec(),
+        };
+        if inner.events.push(ev) {
+            add(&inner.totals.control_rx, 1);
+        } else {
+            inner.totals.drop(Drop::ControlOverflow);
+        }
+        return;
+    }
+    if d.len() < 8 {
+        inner.totals.drop(DropReason::BadLength.into());
+        return;
+    }
+    let spi = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+    let Some(s) = t.inbound.get(&spi) else {
+        inner.totals.drop(DropReason::UnknownSpi.into());
+        return;
+    };
+    if lock(&s.expires).is_some_and(|e| e <= now.1) {
+        inner.totals.drop(DropReason::UnknownSpi.into());
+        return;
+    }
+    let peer = &s.peer;
+    if peer.transport != id {
+        // An SA belongs to its peer's transport; the same SPI elsewhere is not it.
+        inner.totals.drop(DropReason::UnknownSpi.into());
+        return;
+    }
+    let r = lock(&s.sa).decap_in_place(d);
+    let dec = match r {
+        Ok(dec) => dec,
+        Err(reason) => {
+            inner.drop_pkt(Some(peer), reason.into());
+            return;
+        }
+    };
+    // Authenticated: the peer is at the packet's source now (roaming).
+    {
+        let mut ep = lock(&peer.endpoint);
+        if *ep != Some(from) {
+            *ep = Some(from);
+        }
+    }
+    s.last_rx_ms.store(now.0, Ordering::Relaxed);
+    peer.traffic.last_rx_ms.store(now.0, Ordering::Relaxed);
+    inner.totals.last_rx_ms.store(now.0, Ordering::Relaxed);
+    add(&peer.traffic.wire_rx_bytes, d.len() as u64);
+    if dec.next_header == NH_NONE {
+        add(&inner.totals.dummies, 1);
+        return;
+    }
+    let pkt = &d[dec.inner];
+    let ok = match kind {
+        Kind::Tap => dec.next_header == NH_ETHERNET,
+        Kind::Tun => {
+            infer_next_header(pkt) == Some(dec.next_header)
+                && matches!(dec.next_header, NH_IPV4 | NH_IPV6)
+        }
+    };
+    if !ok {
+        inner.drop_pkt(Some(peer), DropReason::BadInner.into());
+        return;
+    }
+    if kind == Kind::Tun {
+        let allowed =
+            inner_addrs(pkt).is_some_and(|(src, _)| peer.allowed.iter().any(|p| p.contains(src)));
+        if !allowed {
+            inner.drop_pkt(Some(peer), Drop::Spoofed);
+            return;
+        }
+    }
+    if dev.send(pkt).is_err() {
+        inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
+        return;
+    }
+    add(&peer.traffic.rx_packets, 1);
+    add(&peer.traffic.rx_bytes, pkt.len() as u64);
+    add(&inner.totals.rx_packets, 1);
+    add(&inner.totals.rx_bytes, pkt.len() as u64);
+}

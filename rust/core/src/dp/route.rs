@@ -1,0 +1,158 @@
+//! Inner-packet addressing: allowed prefixes, longest-prefix match, address extraction.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+/// An IPv4 or IPv6 prefix, host bits cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    v6: bool,
+    bits: u128,
+    len: u8,
+}
+
+fn mask(len: u8, width: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        (u128::MAX << (128 - len as u32)) >> (128 - width as u32)
+    }
+}
+
+fn key(addr: IpAddr) -> (bool, u128) {
+    match addr {
+        IpAddr::V4(a) => (false, u32::from(a) as u128),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    }
+}
+
+impl Prefix {
+    /// `addr/len`; `None` if `len` exceeds the address width.
+    pub fn new(addr: IpAddr, len: u8) -> Option<Prefix> {
+        let (v6, bits) = key(addr);
+        let width = if v6 { 128 } else { 32 };
+        if len > width {
+            return None;
+        }
+        Some(Prefix {
+            v6,
+            bits: bits & mask(len, width),
+            len,
+        })
+    }
+
+    pub fn len(&self) -> u8 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let (v6, bits) = key(addr);
+        let width = if v6 { 128 } else { 32 };
+        v6 == self.v6 && bits & mask(self.len, width) == self.bits
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a: IpAddr = if self.v6 {
+            IpAddr::V6(self.bits.into())
+        } else {
+            IpAddr::V4((self.bits as u32).into())
+        };
+        write!(f, "{a}/{}", self.len)
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Prefix, String> {
+        let bad = || format!("{s:?} is not an IPv4/IPv6 prefix like 10.0.0.0/24 or fd00::/64");
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| bad())?;
+        let width = if addr.is_ipv6() { 128 } else { 32 };
+        let len = match l {
+            Some(l) => l.parse::<u8>().map_err(|_| bad())?,
+            None => width,
+        };
+        Prefix::new(addr, len).ok_or_else(bad)
+    }
+}
+
+/// Source and destination of an inner IP packet; `None` unless a well-formed IPv4/IPv6 header.
+pub fn inner_addrs(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 => {
+            let s: [u8; 4] = pkt[12..16].try_into().ok()?;
+            let d: [u8; 4] = pkt[16..20].try_into().ok()?;
+            Some((IpAddr::from(s), IpAddr::from(d)))
+        }
+        6 if pkt.len() >= 40 => {
+            let s: [u8; 16] = pkt[8..24].try_into().ok()?;
+            let d: [u8; 16] = pkt[24..40].try_into().ok()?;
+            Some((IpAddr::from(s), IpAddr::from(d)))
+        }
+        _ => None,
+    }
+}
+
+/// Longest-prefix-match table from prefixes to peer ids (linear scan over a list sorted by
+/// decreasing prefix length; tunnels have few peers).
+#[derive(Default, Clone)]
+pub struct RouteTable {
+    entries: Vec<(Prefix, u32)>,
+}
+
+impl RouteTable {
+    pub fn insert(&mut self, p: Prefix, peer: u32) {
+        self.entries.push((p, peer));
+        self.entries.sort_by_key(|e| std::cmp::Reverse(e.0.len));
+    }
+    pub fn remove_peer(&mut self, peer: u32) {
+        self.entries.retain(|(_, id)| *id != peer);
+    }
+    /// The peer already owning exactly this prefix, if any.
+    pub fn owner(&self, p: &Prefix) -> Option<u32> {
+        self.entries.iter().find(|(q, _)| q == p).map(|(_, id)| *id)
+    }
+    pub fn lookup(&self, addr: IpAddr) -> Option<u32> {
+        self.entries
+            .iter()
+            .find(|(p, _)| p.contains(addr))
+            .map(|(_, id)| *id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lpm() {
+        let mut t = RouteTable::default();
+        t.insert("10.0.0.0/8".parse().unwrap(), 1);
+        t.insert("10.1.0.0/16".parse().unwrap(), 2);
+        t.insert("::/0".parse().unwrap(), 3);
+        t.insert("10.1.2.3".parse().unwrap(), 4);
+        assert_eq!(t.lookup("10.9.9.9".parse().unwrap()), Some(1));
+        assert_eq!(t.lookup("10.1.9.9".parse().unwrap()), Some(2));
+        assert_eq!(t.lookup("10.1.2.3".parse().unwrap()), Some(4));
+        assert_eq!(t.lookup("fd00::1".parse().unwrap()), Some(3));
+        assert_eq!(t.lookup("192.168.0.1".parse().unwrap()), None);
+        assert_eq!(
+            "10.1.2.3/8".parse::<Prefix>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
+        assert!("0.0.0.0/0"
+            .parse::<Prefix>()
+            .unwrap()
+            .contains("1.2.3.4".parse().unwrap()));
+    }
+}

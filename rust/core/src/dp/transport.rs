@@ -1,0 +1,48 @@
+//! The transport interface of the data plane: batches of datagrams to and from endpoints.
+//! Implementations: [`super::udp`] (ESP-in-UDP), [`super::rawesp`] (IP protocol 50),
+//! [`super::stream`] (framed TCP connections), [`super::fake`] (in memory).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+/// One received datagram in a receive buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram {
+    /// Index of the buffer it was received into.
+    pub buf: usize,
+    /// Where the payload lies in that buffer (e.g. after an outer IPv4 header on raw sockets).
+    pub start: usize,
+    pub len: usize,
+    pub from: SocketAddr,
+    /// The datagram was larger than the buffer (the rest is lost).
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// ESP in UDP (RFC 3948): carries ESP, control messages (non-ESP marker) and keepalives.
+    Udp,
+    /// Plain ESP (IP protocol 50): ESP only; endpoints have port 0.
+    RawEsp,
+    /// Length-prefixed frames on stream connections (TCP): ESP and control messages.
+    Stream,
+}
+
+impl TransportKind {
+    /// Whether control messages (non-ESP marker) and keepalives travel on it.
+    pub fn carries_control(self) -> bool {
+        self != TransportKind::RawEsp
+    }
+}
+
+pub trait Transport: Send + Sync + 'static {
+    fn kind(&self) -> TransportKind;
+    /// Readable when [`recv_batch`](Self::recv_batch) may return datagrams.
+    fn poll_fd(&self) -> RawFd;
+    /// Receive what is waiting (up to one datagram per buffer) without blocking; appends to
+    /// `out` (nothing appended = nothing waiting).
+    fn recv_batch(&self, bufs: &mut [Vec<u8>], out: &mut Vec<Datagram>) -> io::Result<()>;
+    /// Send datagrams without blocking for long; returns how many were sent.
+    fn send_batch(&self, pkts: &[(&[u8], SocketAddr)]) -> usize;
+}

@@ -1,0 +1,140 @@
+"""Manual key files (simpletun.manual_keys): parsing, the one-line errors, and that both data
+planes' SAs built from one file agree (a simpletun SA decapsulates what the peer's encrypts)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from simpletun import manual_keys as mk
+from simpletun._errors import ConfigError
+
+GOOD = """\
+# simpletun manual keys
+cipher = "cbc(aes)"
+auth = "hmac(sha256)"
+replay-window = 128
+esn = true
+transport = "esp-in-udp"
+port = 4501
+
+[client-to-server]
+spi = 0x01000000
+enc-key = "0x000102030405060708090a0b0c0d0e0f"
+auth-key = "0x{a}"
+
+[server-to-client]
+spi = 0x01000001
+enc-key = "0x{e256}"
+auth-key = "0x{b}"
+""".format(a="11" * 32, b="22" * 32, e256="33" * 32)
+
+
+def test_parse_good_file():
+    k = mk.parse(GOOD)
+    assert k.client_to_server == mk.DirectionKeys(0x01000000, bytes(range(16)), b"\x11" * 32)
+    assert k.server_to_client.spi == 0x01000001 and k.server_to_client.enc_key == b"\x33" * 32
+    assert (k.replay_window, k.esn, k.transport, k.port) == (128, True, "esp-in-udp", 4501)
+    assert k.outbound("server") == k.inbound("client") == k.server_to_client
+    assert k.outbound("client") == k.inbound("server") == k.client_to_server
+
+
+def test_defaults():
+    text = GOOD.replace("replay-window = 128\n", "").replace("esn = true\n", "")
+    text = text.replace('transport = "esp-in-udp"\n', "").replace("port = 4501\n", "")
+    k = mk.parse(text)
+    assert (k.replay_window, k.esn, k.transport, k.port) == (4096, False, "esp-in-udp", 4500)
+
+
+def _bad(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new, 1)
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("spi = ", "not a valid key file"),
+        (_bad('cipher = "cbc(aes)"', 'cipher = "gcm(aes)"'), 'use "cbc(aes)"'),
+        (_bad('auth = "hmac(sha256)"', 'auth = "hmac(sha1)"'), "HMAC-SHA-256-128"),
+        (_bad("replay-window = 128", "replay-window = 8192"), "use 32 to 4096 packets"),
+        (_bad("replay-window = 128", "replay-window = 0"), "use 32 to 4096 packets"),
+        (_bad("esn = true", 'esn = "yes"'), "esn must be true or false"),
+        (_bad('transport = "esp-in-udp"', 'transport = "tcp"'), 'use "esp" or "esp-in-udp"'),
+        (_bad('transport = "esp-in-udp"', 'transport = "esp"'), "port is only for"),
+        (_bad("port = 4501", "port = 70000"), "use 1 to 65535"),
+        (_bad("replay-window", "replay-widow"), "unknown setting 'replay-widow'"),
+        (_bad("spi = 0x01000000", "spi = 0x10"), "use 0x100 to 0xffffffff"),
+        (_bad("spi = 0x01000001", "spi = 0x01000000"), "give each its own"),
+        (_bad("0x000102030405060708090a0b0c0d0e0f", "0x0001"), "2 bytes (4 hex digits)"),
+        (_bad("0x000102030405060708090a0b0c0d0e0f", "0xzz"), "not hexadecimal"),
+        (_bad('auth-key = "0x' + "22" * 32, 'auth-key = "0x' + "11" * 32), "same key"),
+        (_bad("[server-to-client]", "[server-to-klient]"), "unknown setting 'server-to-klient'"),
+        (_bad("spi = 0x01000001\n", ""), "[server-to-client] has no spi"),
+        (_bad('enc-key = "0x0001', 'enc-kee = "0x0001'), "unknown setting 'enc-kee'"),
+    ],
+)
+def test_bad_file_one_line_error(text, fragment):
+    with pytest.raises(ConfigError) as e:
+        mk.parse(text, "keys.toml")
+    msg = str(e.value)
+    assert fragment in msg, msg
+    assert msg.startswith("keys.toml") and "\n" not in msg
+
+
+def test_missing_section():
+    text = GOOD[: GOOD.index("[server-to-client]")]
+    with pytest.raises(ConfigError, match=r"missing section \[server-to-client\]"):
+        mk.parse(text)
+
+
+@pytest.mark.parametrize("bits", [128, 192, 256])
+@pytest.mark.parametrize("transport", ["esp", "esp-in-udp"])
+def test_generate_parses_and_has_fresh_keys(bits, transport):
+    a = mk.parse(mk.generate(key_bits=bits, transport=transport))
+    b = mk.parse(mk.generate(key_bits=bits, transport=transport))
+    assert len(a.client_to_server.enc_key) == bits // 8 and a.transport == transport
+    assert a.client_to_server.enc_key != b.client_to_server.enc_key
+
+
+def test_load_checks_permissions(tmp_path):
+    p = tmp_path / "keys.toml"
+    p.write_text(GOOD)
+    os.chmod(p, 0o644)
+    with pytest.raises(ConfigError, match="permissions 0644 are too open.*chmod 600"):
+        mk.load(str(p))
+    os.chmod(p, 0o600)
+    assert mk.load(str(p)).port == 4501
+    with pytest.raises(ConfigError, match="no such file"):
+        mk.load(str(tmp_path / "nope"))
+
+
+def test_both_planes_from_one_file_agree():
+    """The server's userspace SAs and the client's kernel SAs come from the same file: SPIs,
+    keys and parameters pair up, and simpletun's server decapsulates what a client SA built from
+    the same file's keys encapsulates."""
+    k = mk.parse(GOOD)
+    s_out, s_in = k.security_associations("server")
+    c_out, c_in = k.security_associations("client")
+    kx_out, kx_in = k.xfrm_sas("client", "192.0.2.2", "192.0.2.1", reqid=4)
+    assert (kx_out.spi, kx_out.enc_key, kx_out.auth_key) == (
+        s_in.spi,
+        k.client_to_server.enc_key,
+        k.client_to_server.auth_key,
+    )
+    assert kx_in.spi == s_out.spi and kx_in.src == "192.0.2.1"
+    assert kx_out.encap.sport == kx_out.encap.dport == 4501 and kx_out.esn
+    assert kx_out.replay_window == 128
+    inner = bytes.fromhex("4500001c000000004001f96ac0000201c0000202") + bytes(8)
+    assert s_in.decap(c_out.encap(inner))[1] == inner
+    assert c_in.decap(s_out.encap(inner))[1] == inner
+
+
+def test_ip_xfrm_commands():
+    cmds = mk.parse(GOOD).ip_xfrm_commands("client", "192.0.2.2", "192.0.2.1")
+    assert cmds[0].startswith(
+        "ip xfrm state add src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x01000000"
+    )
+    assert "auth-trunc 'hmac(sha256)' 0x" + "11" * 32 + " 128" in cmds[0]
+    assert "flag esn" in cmds[0] and cmds[0].endswith("encap espinudp 4501 4501 0.0.0.0")
