@@ -356,3 +356,28 @@ def test_server_on_a_privileged_port(installed):
     listening = lab.run("ss", "-Htln", "sport = :443").stdout
     assert ":443" in listening, listening
     lab.run("systemctl", "stop", unit)
+
+
+@pytest.mark.parametrize("transport, port", [("udp", 4510), ("raw", 4511)])
+def test_datagram_transports_run_under_the_unit(installed, transport, port):
+    """ESP-in-UDP and raw ESP (a raw IP socket for protocol 50: CAP_NET_RAW) servers start."""
+    lab = installed
+    name = f"st{port - 4500}"
+    lab.run("cp", f"/etc/simpletun/{NAME}.key", f"/etc/simpletun/{name}.key")
+    toml = (
+        f'[interface]\naddress = ["10.254.{port - 4500}.1/24"]\nlisten_port = {port}\n'
+        f'transport = "{transport}"\nkey_file = "/etc/simpletun/{name}.key"\n'
+    )
+    lab.write(f"/etc/simpletun/{name}.toml", toml, 0o600)
+    unit = f"simpletun@{name}.service"
+    try:
+        out = lab.run("systemctl", "start", unit, check=False)
+        assert out.returncode == 0, lab.journal("-u", unit, "-o", "cat")
+        pid = lab.show(unit, "MainPID")["MainPID"]
+        sockets = lab.run("ss", "-Hawunp").stdout
+        local = {line.split()[4] for line in sockets.splitlines() if f"pid={pid}," in line}
+        assert any(a.endswith(f":{port}") for a in local), sockets
+        if transport == "raw":  # the raw IP socket for ESP (protocol 50)
+            assert any(a.endswith(":50") for a in local), sockets
+    finally:
+        lab.run("systemctl", "stop", unit, check=False)
