@@ -6,6 +6,8 @@
 //! - [`replay`]: the RFC 4303 §3.4.3 anti-replay window as an RFC 6479 bitmap, with ESN inference.
 //! - [`frame`]: the 2-byte big-endian length-prefixed framing of the classic simpletun.c.
 //! - [`mod@drop`]: the reasons a packet is dropped, shared by every layer's counters.
+//! - [`offload`]: `virtio_net_hdr` parsing, TSO/USO segmentation and TCP GRO coalescing for
+//!   TUN devices opened with `IFF_VNET_HDR`.
 //!
 //! OS-facing modules (the only ones that touch file descriptors):
 //! - [`tun`]: opening TUN/TAP devices through `/dev/net/tun`.
@@ -15,6 +17,7 @@ pub mod crypto;
 pub mod drop;
 pub mod esp;
 pub mod frame;
+pub mod offload;
 pub mod pump;
 pub mod replay;
 pub mod tun;
