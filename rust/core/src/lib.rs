@@ -3,6 +3,8 @@
 //! Pure modules (no system calls, no allocation per packet, caller-owned buffers):
 //! - [`esp`]: RFC 4303 ESP tunnel-mode encapsulation with AES-CBC (RFC 3602) and
 //!   HMAC-SHA-256-128 (RFC 4868).
+//! - [`cbc_multi`]: multi-buffer AES-CBC encryption (several packets' chains interleaved), used by
+//!   [`SecurityAssociation::encap_batch_in_place`].
 //! - [`replay`]: the RFC 4303 §3.4.3 anti-replay window as an RFC 6479 bitmap, with ESN inference.
 //! - [`frame`]: the 2-byte big-endian length-prefixed framing of the classic simpletun.c.
 //! - [`mod@drop`]: the reasons a packet is dropped, shared by every layer's counters.
@@ -13,6 +15,7 @@
 //! - [`tun`]: opening TUN/TAP devices through `/dev/net/tun`.
 //! - [`pump`]: the data-plane threads moving packets between a TUN device and a TCP socket.
 
+pub mod cbc_multi;
 pub mod crypto;
 pub mod drop;
 pub mod esp;
