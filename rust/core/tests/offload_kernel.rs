@@ -3,14 +3,16 @@
 //! `offload::Gro`, the super-packet is written to the device, the kernel forwards it (routed
 //! back out of the same device), and what it hands back (a TSO super-packet with the kernel's
 //! own vnet header, or segments) is split with `offload::split`. The segments must be the
-//! original ones, with TTL / hop limit one lower as forwarding makes them. Needs root (runs in
+//! original ones, with TTL / hop limit one lower as forwarding makes them. And a locally sent
+//! SYN, which the kernel hands over with a partial checksum, must verify once `split` completed
+//! it. Needs root (runs in
 //! CI as root); skipped with a printed reason otherwise.
 
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use simpletun_core::offload::{split, Gro, GroOut, VnetHdr, VNET_HDR_LEN};
+use simpletun_core::offload::{split, Gro, GroOut, VnetHdr, F_NEEDS_CSUM, VNET_HDR_LEN};
 
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -240,6 +242,63 @@ fn kernel_accepts_gro_output_and_its_tso_splits_back() {
                 "v6 {v6}: the kernel forwarded the super-packet; {gso_reads} TSO read(s) back"
             );
         }
+        // A locally sent SYN leaves with a partial checksum (TUN_F_CSUM): completed by
+        // `split`, it must verify with the independent routine.
+        let sock =
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+        assert!(sock >= 0);
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 5201u16.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([10, 77, 1, 9]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        unsafe { libc::connect(sock, (&sa as *const libc::sockaddr_in).cast(), len) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = vec![0u8; 70000];
+        let mut partial = 0;
+        while partial == 0 && Instant::now() < deadline {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            unsafe { libc::poll(&mut pfd, 1, 200) };
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                continue;
+            }
+            let r = &buf[..n as usize];
+            let hdr = VnetHdr::parse(r, VNET_HDR_LEN).unwrap();
+            let pkt = &r[VNET_HDR_LEN..];
+            if pkt.len() < 40 || pkt[0] != 0x45 || pkt[16..20] != [10, 77, 1, 9] {
+                continue;
+            }
+            assert_ne!(
+                hdr.flags & F_NEEDS_CSUM,
+                0,
+                "the kernel left the checksum to us"
+            );
+            let t = &pkt[20..];
+            let pseudo = [&pkt[12..20], &[0, 6], &(t.len() as u16).to_be_bytes()[..]].concat();
+            assert_ne!(csum(&[&pseudo, t]), 0, "not yet complete");
+            let mut outs = [vec![0u8; 200]];
+            let mut lens = [0usize];
+            assert_eq!(split(&hdr, pkt, &mut outs, 0, &mut lens), Ok(1));
+            let seg = &outs[0][..lens[0]];
+            assert_eq!(
+                csum(&[&pseudo, &seg[20..]]),
+                0,
+                "completed checksum verifies"
+            );
+            assert_eq!(seg[33] & 0x02, 0x02, "a SYN");
+            partial += 1;
+        }
+        assert_eq!(partial, 1, "no SYN read from the device");
+        unsafe { libc::close(sock) };
         unsafe { libc::close(fd) };
     });
 }
