@@ -183,11 +183,18 @@ impl IvGenerator {
 
     /// The next IV, encrypted with `cipher`.
     pub fn next_iv(&mut self, cipher: &Cipher) -> [u8; IV_LEN] {
+        let mut block = self.next_nonce();
+        cipher.encrypt_block(&mut block);
+        block
+    }
+
+    /// The next nonce block (salt, counter), before encryption: [`next_iv`](Self::next_iv) is
+    /// this encrypted; batched encapsulation encrypts several at once.
+    pub fn next_nonce(&mut self) -> [u8; IV_LEN] {
         self.counter = self.counter.wrapping_add(1);
         let mut block = [0u8; IV_LEN];
         block[..8].copy_from_slice(&self.salt);
         block[8..].copy_from_slice(&self.counter.to_be_bytes());
-        cipher.encrypt_block(&mut block);
         block
     }
 }

@@ -16,6 +16,8 @@ use crate::crypto::{self, Cipher, Hmac256, IvGenerator, AUTH_KEY_LEN, BLOCK_LEN,
 use crate::drop::{DropCounters, DropReason};
 use crate::replay::{ReplayError, ReplayWindow, DEFAULT_WINDOW, MAX_WINDOW, MIN_WINDOW};
 
+mod batch;
+
 /// SPI + sequence number.
 pub const HEADER_LEN: usize = 8;
 /// Offset of the (encrypted) payload: header + IV.

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeSet;
 
+pub mod net;
+
 use simpletun_core::crypto::{Cipher, Hmac256, BLOCK_LEN, ICV_LEN, IV_LEN};
 use simpletun_core::esp::{HEADER_LEN, NH_NONE, PAYLOAD_OFFSET};
 use simpletun_core::frame::FrameError;
