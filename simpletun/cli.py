@@ -14,7 +14,7 @@ import sys
 
 import trio
 
-from simpletun import keys, systemd
+from simpletun import journal, keys
 from simpletun._core import ESP_IN_UDP_PORT
 from simpletun._errors import ConfigError, SimpletunError
 from simpletun.config import (
@@ -250,8 +250,8 @@ def genkey(argv: list[str]) -> int:
 
 def _setup_logging(debug: bool) -> RateLimitFilter:
     handler = logging.StreamHandler(sys.stderr)
-    if systemd.stderr_is_journal():  # <N> priority prefixes, no timestamps (journald adds them)
-        fmt = systemd.JournalFormatter(PROG + ": %(message)s")
+    if journal.stderr_is_journal():  # <N> priority prefixes, no timestamps (journald adds them)
+        fmt = journal.JournalFormatter(PROG + ": %(message)s")
     elif debug and not os.environ.get("JOURNAL_STREAM"):
         fmt = logging.Formatter(
             "%(asctime)s.%(msecs)03d " + PROG + ": %(message)s", datefmt="%H:%M:%S"
@@ -398,7 +398,7 @@ def _internal_error(e: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    systemd.prefix_stderr_for_journal()  # under systemd: "simpletun: error: ..." at err priority
+    journal.prefix_stderr_for_journal()  # under systemd: "simpletun: error: ..." at err priority
     if argv and argv[0] == "genkey":
         return genkey(argv[1:])
     if argv and argv[0] == "pubkey":

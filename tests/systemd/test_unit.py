@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from simpletun import configfile, systemd, unit
+from simpletun import configfile, journal, unit
 
 from .conftest import in_ci, simpletun_cmd
 
@@ -192,7 +192,7 @@ def test_errors_get_err_priority_only_when_stderr_is_the_journal(tmp_path):
 
 
 def test_journal_formatter_priorities():
-    fmt = systemd.JournalFormatter("simpletun: %(message)s")
+    fmt = journal.JournalFormatter("simpletun: %(message)s")
 
     def line(level, msg="m"):
         return fmt.format(logging.LogRecord("simpletun", level, __file__, 1, msg, (), None))
@@ -217,7 +217,7 @@ def test_journal_stderr_prefixes_whole_lines():
             pass
 
     sink = Sink()
-    w = systemd._JournalStderr(sink, "simpletun")
+    w = journal._JournalStderr(sink, "simpletun")
     w.write("simpletun: err")
     assert sink.text == ""  # held until the line is complete
     w.write("or: bad\n<6>simpletun: info line\nsimpletun: warning: w\nplain\n")
