@@ -14,7 +14,7 @@ import sys
 
 import trio
 
-from simpletun import keys
+from simpletun import journal, keys
 from simpletun._core import ESP_IN_UDP_PORT
 from simpletun._errors import ConfigError, SimpletunError
 from simpletun.config import (
@@ -45,6 +45,7 @@ Usage:
   {PROG} genkey > KEYFILE
   {PROG} pubkey < KEYFILE
   {PROG} up CONFIG|NAME [--foreground] | down NAME | reload NAME | status [NAME] [--json]
+  {PROG} install-service [--unit-dir DIR]
   {PROG} -h
 
   -i IFNAME        tunnel device to use, created if missing (required)
@@ -70,6 +71,7 @@ Usage:
 
   genkey           write a new random key to stdout; with '> FILE' the file is made mode 0600
   pubkey           print the Ed25519 public key of a genkey file (for IKEv2 signatures)
+  install-service  write the systemd unit simpletun@.service (see install-service -h)
 """
 
 GENKEY_USAGE = f"""\
@@ -248,7 +250,9 @@ def genkey(argv: list[str]) -> int:
 
 def _setup_logging(debug: bool) -> RateLimitFilter:
     handler = logging.StreamHandler(sys.stderr)
-    if debug and not os.environ.get("JOURNAL_STREAM"):  # journald adds its own timestamps
+    if journal.stderr_is_journal():  # <N> priority prefixes, no timestamps (journald adds them)
+        fmt = journal.JournalFormatter(PROG + ": %(message)s")
+    elif debug and not os.environ.get("JOURNAL_STREAM"):
         fmt = logging.Formatter(
             "%(asctime)s.%(msecs)03d " + PROG + ": %(message)s", datefmt="%H:%M:%S"
         )
@@ -394,12 +398,17 @@ def _internal_error(e: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    journal.prefix_stderr_for_journal()  # under systemd: "simpletun: error: ..." at err priority
     if argv and argv[0] == "genkey":
         return genkey(argv[1:])
     if argv and argv[0] == "pubkey":
         from simpletun.ike.keys import pubkey_main
 
         return pubkey_main(argv[1:])
+    if argv and argv[0] == "install-service":
+        from simpletun import unit
+
+        return unit.main(argv[1:])
     if argv and argv[0] in ("up", "down", "reload", "status"):
         from simpletun import commands
 
