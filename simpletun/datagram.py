@@ -383,47 +383,14 @@ class DatagramTunnel:
         return dict(self.dp.stats) if self.dp is not None else {}
 
     def status(self) -> dict:
-        """The fields of ``session.Tunnel.status`` for the datagram transports."""
-        c = self.config
+        """What ``simpletun status`` shows (``session.tunnel_status``, one place for both)."""
+        from simpletun.session import tunnel_status
+
         sess = self._session
-        peer: dict = {
-            "endpoint": None if c.server else f"{c.host}:{c.port}",
-            "allowed_ips": [str(r) for r in c.routes],
-            "connected": sess is not None,
-            "latest_handshake": None,
-            "sas": [],
-        }
+        view = None
         if sess is not None:
-            st = sess.stats
-            peer["remote"] = hs_peer(sess.addr)
-            peer["latest_handshake"] = round(time.time() - sess.duration, 3)
-            for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
-                peer[k] = st.get(k, 0)
-            peer["drops"] = {k[5:]: v for k, v in st.items() if k.startswith("drop_") and v}
-            hsr, age = sess.handshake, round(sess.duration, 3)
-            out_sa = {"direction": "out", "spi": f"0x{hsr.tx.spi:08x}", "age": age}
-            out_sa["seq"] = st.get("tx_packets", 0)
-            in_sa = {"direction": "in", "spi": f"0x{hsr.rx.spi:08x}", "age": age}
-            in_sa["packets"] = st.get("rx_packets", 0)
-            peer["sas"] = [out_sa, in_sa]
-        return {
-            "interface": getattr(self.device, "name", c.ifname),
-            "mode": "tap" if c.tap else "tun",
-            "role": "server" if c.server else "client",
-            "transport": self.transport,
-            "dataplane": "userspace",
-            "listen_port": self.port if c.server else None,
-            "encryption": f"ESP {c.cipher}",
-            "mtu": c.mtu,
-            "addresses": [str(a) for a in c.addresses],
-            "up": sess is not None,
-            "sessions": self.sessions,
-            "handshake_failures": self.handshake_failures,
-            "last_exit_reason": self.last_exit_reason,
-            "device_recreated": self.device_recreated,
-            "device_repaired": 0,
-            "peers": [peer],
-        }
+            view = (hs_peer(sess.addr), sess.handshake, sess.stats, sess.duration)
+        return tunnel_status(self, self.transport, view)
 
 
 class _Plane:

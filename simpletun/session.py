@@ -224,57 +224,12 @@ class Tunnel:
         return self.session
 
     def status(self) -> dict:
-        """What ``simpletun status`` shows: interface, transport, and the peer with its SAs and
-        counters (plain data, JSON-serialisable)."""
-        c = self.config
-        dev = self.device
+        """What ``simpletun status`` shows (see :func:`tunnel_status`)."""
         sess = self.session
-        peer: dict = {
-            "endpoint": None if c.server else f"{c.host}:{c.port}",
-            "allowed_ips": [str(r) for r in c.routes],
-            "connected": sess is not None,
-            "latest_handshake": None,
-            "sas": [],
-        }
+        view = None
         if sess is not None:
-            stats = sess.stats
-            peer["remote"] = sess.peer
-            peer["latest_handshake"] = self._wall(sess.started_at)
-            peer["session_age"] = round(sess.duration, 3)
-            for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
-                peer[k] = stats.get(k, 0)
-            peer["drops"] = {k[5:]: v for k, v in stats.items() if k.startswith("drop_") and v}
-            if sess.handshake is not None:
-                hs = sess.handshake
-                age = round(sess.duration, 3)
-                # outbound: the sequence number is the count of packets encapsulated
-                out_sa = {"direction": "out", "spi": f"0x{hs.tx.spi:08x}", "age": age}
-                out_sa["seq"] = stats.get("tx_packets", 0)
-                in_sa = {"direction": "in", "spi": f"0x{hs.rx.spi:08x}", "age": age}
-                in_sa["packets"] = stats.get("rx_packets", 0)
-                peer["sas"] = [out_sa, in_sa]
-        return {
-            "interface": getattr(dev, "name", c.ifname),
-            "mode": "tap" if c.tap else "tun",
-            "role": "server" if c.server else "client",
-            "transport": "tcp",
-            "dataplane": "userspace",
-            "listen_port": self.port if c.server else None,
-            "encryption": f"ESP {c.cipher}" if c.esp else "plaintext",
-            "mtu": c.mtu,
-            "addresses": [str(a) for a in c.addresses],
-            "up": sess is not None,
-            "sessions": self.sessions,
-            "handshake_failures": self.handshake_failures,
-            "last_exit_reason": self.last_exit_reason,
-            "device_recreated": self.device_recreated,
-            "device_repaired": self.device_repaired,
-            "peers": [peer],
-        }
-
-    @staticmethod
-    def _wall(monotonic_t: float) -> float:
-        return round(time.time() - (time.monotonic() - monotonic_t), 3)
+            view = (sess.peer, sess.handshake, sess.stats, sess.duration)
+        return tunnel_status(self, "tcp", view)
 
     async def wait_device_ready(self) -> None:
         await self._device_ready.wait()
@@ -312,6 +267,54 @@ class Tunnel:
                 self.device_recreated += 1
                 self._device_ready.set()
             log.info("device %s recreated and configured", name)
+
+
+def tunnel_status(t, transport: str, session) -> dict:
+    """The data of ``simpletun status --json`` for a tunnel end ``t`` (a :class:`Tunnel` or a
+    ``datagram.DatagramTunnel``); ``session`` is None or (remote peer, HandshakeResult or None,
+    counters, age in seconds). Plain data, JSON-serialisable; one place for both transports."""
+    c = t.config
+    peer: dict = {
+        "endpoint": None if c.server else f"{c.host}:{c.port}",
+        "allowed_ips": [str(r) for r in c.routes],
+        "connected": session is not None,
+        "latest_handshake": None,
+        "sas": [],
+    }
+    if session is not None:
+        remote, hs, stats, duration = session
+        age = round(duration, 3)
+        peer["remote"] = remote
+        peer["latest_handshake"] = round(time.time() - duration, 3)
+        peer["session_age"] = age
+        for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
+            peer[k] = stats.get(k, 0)
+        peer["drops"] = {k[5:]: v for k, v in stats.items() if k.startswith("drop_") and v}
+        if hs is not None:
+            # outbound: the sequence number is the count of packets encapsulated
+            out_sa = {"direction": "out", "spi": f"0x{hs.tx.spi:08x}", "age": age}
+            out_sa["seq"] = stats.get("tx_packets", 0)
+            in_sa = {"direction": "in", "spi": f"0x{hs.rx.spi:08x}", "age": age}
+            in_sa["packets"] = stats.get("rx_packets", 0)
+            peer["sas"] = [out_sa, in_sa]
+    return {
+        "interface": getattr(t.device, "name", c.ifname),
+        "mode": "tap" if c.tap else "tun",
+        "role": "server" if c.server else "client",
+        "transport": transport,
+        "dataplane": "userspace",
+        "listen_port": t.port if c.server else None,
+        "encryption": f"ESP {c.cipher}" if c.esp else "plaintext",
+        "mtu": c.mtu,
+        "addresses": [str(a) for a in c.addresses],
+        "up": session is not None,
+        "sessions": t.sessions,
+        "handshake_failures": t.handshake_failures,
+        "last_exit_reason": t.last_exit_reason,
+        "device_recreated": t.device_recreated,
+        "device_repaired": getattr(t, "device_repaired", 0),
+        "peers": [peer],
+    }
 
 
 # -- server -----------------------------------------------------------------------------------
