@@ -40,32 +40,38 @@ def decode_key(text: str, path: str = "key file") -> bytes:
     return key
 
 
-def load_key(path: str) -> bytes:
-    """Read and check a key file: it must be a regular file accessible by its owner only."""
+def read_secret_file(path: str, what: str, *, missing_hint: str = "", limit: int = 4096) -> bytes:
+    """The bytes of a file holding secrets: a regular file accessible by its owner only.
+
+    ``what`` names it in messages (``--key key``); every problem is one ConfigError line."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError(
-            f"--key {path}: no such file; make one with: simpletun genkey > {path}"
-        ) from None
+        raise ConfigError(f"{what}: no such file{missing_hint}") from None
     except OSError as e:
-        raise ConfigError(f"--key {path}: cannot open: {e.strerror}") from None
+        raise ConfigError(f"{what}: cannot open: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"--key {path}: not a regular file")
+            raise ConfigError(f"{what}: not a regular file")
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
             raise ConfigError(
-                f"--key {path}: permissions {mode:04o} are too open (group or others may access "
-                f"the key); fix with: chmod 600 {path}"
+                f"{what}: permissions {mode:04o} are too open (group or others may access "
+                f"the secrets); fix with: chmod 600 {path}"
             )
         try:
-            data = os.read(fd, 4096)
+            return os.read(fd, limit)
         except OSError as e:
-            raise ConfigError(f"--key {path}: cannot read: {e.strerror}") from None
+            raise ConfigError(f"{what}: cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
+
+
+def load_key(path: str) -> bytes:
+    """Read and check a key file: it must be a regular file accessible by its owner only."""
+    hint = f"; make one with: simpletun genkey > {path}"
+    data = read_secret_file(path, f"--key {path}", missing_hint=hint)
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

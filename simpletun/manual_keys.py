@@ -28,9 +28,7 @@ ConfigError line naming the file, the setting and the fix.
 
 from __future__ import annotations
 
-import os
 import secrets
-import stat
 import tomllib
 from dataclasses import dataclass
 
@@ -262,25 +260,9 @@ def generate(
 
 def load(path: str) -> ManualKeys:
     """Read and check a manual key file: a regular file accessible by its owner only."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"--manual-keys {path}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"--manual-keys {path}: cannot open: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"--manual-keys {path}: not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise ConfigError(
-                f"--manual-keys {path}: permissions {mode:04o} are too open (group or others "
-                f"may read the keys); fix with: chmod 600 {path}"
-            )
-        data = os.read(fd, 65536)
-    finally:
-        os.close(fd)
+    from simpletun.keys import read_secret_file
+
+    data = read_secret_file(path, f"--manual-keys {path}", limit=65536)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
