@@ -378,3 +378,143 @@ async def run(
                             except SimpletunError:
                                 pass
             await trio.to_thread.run_sync(dp.stop)
+
+
+# -- from a config file ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IkePeerSpec:
+    """One [[peer]] of an IKEv2 tunnel, validated by simpletun.configfile."""
+
+    name: str
+    identity: str | None  # the peer's IKE ID; None: any that authenticates (one peer only)
+    endpoint: tuple[str, int] | None  # we initiate to it; None: responder only
+    allowed_ips: tuple  # remote traffic selectors, routes, data-plane prefixes
+    local_ips: tuple  # local traffic selectors
+    psk: bytes | None = field(default=None, repr=False)
+    public_key: object | None = field(default=None, repr=False)  # Ed25519PublicKey
+    rekey_time: int | None = None  # Child SA soft lifetime, seconds
+    ike_rekey_time: int | None = None
+    dpd_delay: int | None = None
+
+
+@dataclass(frozen=True)
+class IkeSetup:
+    local_ip: str
+    local_id: str | None
+    private_key: bytes | None = field(default=None, repr=False)  # 32 bytes (simpletun genkey)
+    peers: tuple[IkePeerSpec, ...] = ()
+
+
+def peer_config(setup: IkeSetup, sp: IkePeerSpec) -> PeerConfig:
+    from simpletun.ike import Identity
+    from simpletun.ike.keys import private_key
+
+    kw: dict = {}
+    if sp.psk is not None:
+        kw["psk"] = sp.psk
+    else:
+        kw["private_key"] = private_key(setup.private_key)
+        kw["remote_public_key"] = sp.public_key
+    return PeerConfig(
+        name=sp.name,
+        local_ts=[str(n) for n in sp.local_ips],
+        remote_ts=[str(n) for n in sp.allowed_ips],
+        local_id=Identity.parse(setup.local_id) if setup.local_id else None,
+        remote_id=Identity.parse(sp.identity) if sp.identity else None,
+        remote_addr=sp.endpoint,
+        local_addr=setup.local_ip,
+        child_rekey_time=sp.rekey_time,
+        ike_rekey_time=sp.ike_rekey_time,
+        rand_time=min(60.0, (sp.rekey_time or 0) / 10),
+        dpd_delay=sp.dpd_delay,
+        **kw,
+    )
+
+
+class IkeTunnel:
+    """Live state of an IKEv2 tunnel (what the service, ``status`` and the API look at)."""
+
+    def __init__(self, config, device) -> None:
+        self.config = config
+        self.device = device
+        self.glue: IkeGlue | None = None
+        self.session = None
+        self.sessions = 0
+        self.handshake_failures = 0
+        self.last_exit_reason: str | None = None
+        self.port = NATT_PORT
+
+    def status(self) -> dict:
+        peers = self.glue.status() if self.glue is not None else []
+        c = self.config
+        return {
+            "interface": getattr(self.device, "name", c.ifname),
+            "mode": "tap" if c.tap else "tun",
+            "role": "ikev2",
+            "transport": "udp",
+            "dataplane": "userspace",
+            "key_exchange": "ikev2",
+            "listen_address": c.ike.local_ip,
+            "listen_port": NATT_PORT,
+            "mtu": c.mtu,
+            "addresses": [str(a) for a in c.addresses],
+            "up": any(p["child_sas"] for p in peers),
+            "peers": peers,
+        }
+
+    def apply_peers(self, setup: IkeSetup) -> dict:
+        """Add the peers of ``setup`` we do not have, remove those it no longer has; the
+        others (and their traffic) are untouched."""
+        glue = self.glue
+        old = {sp.name: sp for sp in self.config.ike.peers}
+        new = {sp.name: sp for sp in setup.peers}
+        removed = [n for n in old if n not in new or new[n] != old[n]]
+        added = [n for n in new if n not in old or new[n] != old[n]]
+        for n in removed:
+            if n in glue.peers:
+                glue.remove_peer(n)
+        for n in added:
+            glue.add_peer(peer_config(setup, new[n]))
+        from dataclasses import replace
+
+        self.config = replace(self.config, ike=setup)
+        log.info("peers: added %s, removed %s", added or "none", removed or "none")
+        return {"peers_added": added, "peers_removed": removed}
+
+
+async def run_config(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """``simpletun up`` of a config with ``key_exchange = "ikev2"``: the device with its
+    routes, the IKE sockets and :func:`run`; ``task_status.started`` gets an IkeTunnel."""
+    from simpletun import netdev, session
+
+    setup: IkeSetup = config.ike
+    device = await trio.to_thread.run_sync(session._open, config)
+    try:
+        s500, s4500 = ike_sockets(setup.local_ip)
+        try:
+            ep = Endpoint([peer_config(setup, sp) for sp in setup.peers])
+            tunnel = IkeTunnel(config, device)
+            log.info(
+                "IKEv2 on %s, %s UDP 500/4500, %d peer(s)",
+                device.name, setup.local_ip, len(setup.peers),
+            )  # fmt: skip
+            async with trio.open_nursery() as n:
+                tunnel.glue = await n.start(
+                    partial_run(device.fd, ep, s500, s4500, setup.local_ip, config.tap)
+                )
+                task_status.started(tunnel)
+        finally:
+            s500.close()
+            s4500.close()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(netdev.close_device, device)
+
+
+def partial_run(fd, ep, s500, s4500, local_ip, tap):
+    async def go(*, task_status=trio.TASK_STATUS_IGNORED):
+        await run(fd, ep, s500, s4500, local_ip, tap=tap, task_status=task_status)
+
+    return go
