@@ -114,3 +114,51 @@ def test_10mib_through_the_data_plane(lab, tmp_path, we_initiate):
     m = re.search(r"in  ([0-9a-f]{8}),\s+(\d+) bytes,\s+(\d+) packets", out["sas"])
     assert m, out["sas"]
     assert int(m.group(1), 16) == int(spi_out, 16) and int(m.group(2)) >= 10 << 20, out["sas"]
+
+
+@pytest.mark.parametrize("we_initiate", [True, False], ids=["we-initiate", "charon-initiates"])
+def test_simpletun_up_config_against_charon_10mib(lab, tmp_path, monkeypatch, we_initiate):
+    """The product path: `simpletun up FILE` (key_exchange = "ikev2") against charon, a
+    10 MiB transfer with equal SHA-256, `status --json` and charon's counters agreeing."""
+    import json
+
+    from netns.tunnel import simpletun_cmd
+
+    from simpletun import keys
+
+    key = keys.generate_key()
+    kf = tmp_path / "psk.key"
+    kf.write_text(keys.encode_key(key) + "\n")
+    kf.chmod(0o600)
+    charon = Charon(
+        lab, lab.ns_b, tmp_path / "charon", local=VETH_B_ADDR,
+        remote="%any" if we_initiate else VETH_A_ADDR, remote_id=VETH_A_ADDR,
+        local_ts=B_INNER, remote_ts=A_INNER, inner_addr=B_IN, psk="0x" + key.hex(),
+    )  # fmt: skip
+    conf = tmp_path / "st0.toml"
+    conf.write_text(
+        f'[interface]\nkey_exchange = "ikev2"\naddress = ["{A_IN}/24"]\nmtu = 1400\n'
+        f'listen_address = "{VETH_A_ADDR}"\n\n[[peer]]\nname = "charon"\n'
+        f'identity = "{VETH_B_ADDR}"\nallowed_ips = ["{B_INNER}"]\npsk_file = "{kf}"\n'
+        + (f'endpoint = "{VETH_B_ADDR}"\n' if we_initiate else "")
+    )
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run"))
+    up = lab.run(lab.ns_a, [simpletun_cmd(), "up", str(conf)], check=False, timeout=40)
+    assert up.returncode == 0, up.stderr
+    try:
+        if not we_initiate:
+            charon.initiate(wait=True)
+        lab.wait_ping(lab.ns_a, B_IN, 20)
+        tx, rx = _transfer(lab, 10 << 20)
+        assert tx == rx
+        s = json.loads(
+            lab.run(lab.ns_a, [simpletun_cmd(), "status", "st0", "--json"], check=False).stdout
+        )
+        (peer,) = s["peers"]
+        (child,) = peer["child_sas"]
+        sas = charon.list_sas()
+        m = re.search(r"in  ([0-9a-f]{8}),\s+(\d+) bytes,\s+(\d+) packets", sas)
+        assert m and m.group(1) == child["spi_out"] and int(m.group(2)) >= 10 << 20, sas
+        assert "INSTALLED, TUNNEL-in-UDP" in sas, sas
+    finally:
+        lab.run(lab.ns_a, [simpletun_cmd(), "down", "st0"], check=False, timeout=40)
