@@ -136,7 +136,9 @@ class IkeGlue:
 
     def _one(self, a) -> None:
         if isinstance(a, Send):
-            if a.local_port == NATT_PORT:
+            if a.local_port == NATT_PORT and a.data == b"\xff":
+                self.dp.send_keepalive(self.udp, a.remote)  # RFC 3948 NAT-keepalive
+            elif a.local_port == NATT_PORT:
                 self.dp.send_control(self.udp, a.remote, a.data)
             else:
                 self.send500(a.data, a.remote)
@@ -325,7 +327,10 @@ async def run(
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the IKE speaker ``ep`` with a DataPlane on ``tun_fd``; ``task_status.started``
-    gets the :class:`IkeGlue`. The caller keeps (and closes) the sockets and the device."""
+    gets the :class:`IkeGlue`. The caller keeps (and closes) the sockets and the device.
+    The data plane carries ESP-in-UDP only, so the endpoint always asks for UDP
+    encapsulation (``force_encap``)."""
+    ep.force_encap = True
     from simpletun._core import DataPlane
     from simpletun.datagram import _events, _watch_done
 
