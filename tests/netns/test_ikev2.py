@@ -168,3 +168,97 @@ def test_ikev2_child_rekey_during_transfer_no_loss(lab):
     for s in (sa, sb):
         drops = {k: v for k, v in s.items() if k.startswith("drop_") and v}
         assert not {k for k in drops if "auth" in k or "replay" in k or "no_sa" in k}, drops
+
+
+def test_three_peers_on_one_responder(lab):
+    """One responder (namespace B) with three peers, each its own identity, PSK and prefix;
+    three initiators in A on three addresses. Every peer pings through its own Child SA, and a
+    peer's packets arrive only from its own prefix."""
+    n = 3
+    pb_list, inits = [], []
+    for i in range(1, n + 1):
+        psk = os.urandom(32)
+        ip = VETH_A_ADDR if i == 1 else f"10.250.0.{10 + i}"
+        if i > 1:
+            os.system(f"ip -n {lab.ns_a} addr add {ip}/24 dev veth-a")
+        net = f"10.251.{10 + i}.0/24"
+        pa = PeerConfig(
+            name="gw", local_ts=[net], remote_ts=[NET_B], local_addr=ip,
+            remote_addr=(VETH_B_ADDR, 500), local_id=Identity.parse(f"p{i}.example"),
+            psk=psk, retransmit_base=0.5,
+        )  # fmt: skip
+        pb_list.append(
+            PeerConfig(
+                name=f"p{i}",
+                local_ts=[NET_B],
+                remote_ts=[net],
+                local_addr=VETH_B_ADDR,
+                remote_id=Identity.parse(f"p{i}.example"),
+                psk=psk,
+            )  # fmt: skip
+        )
+        fd = open_tun(lab.ns_a, f"ike{i}", f"10.251.{10 + i}.1", NET_B)
+        if i > 1:  # one route per device: the ping binds to its device
+            os.system(f"ip -n {lab.ns_a} route del {NET_B} dev ike{i}")
+            os.system(
+                f"ip -n {lab.ns_a} route add {NET_B} dev ike{i} metric {i} src 10.251.{10 + i}.1"
+            )
+        socks = run_in_netns(lab.ns_a, lambda ip=ip: ikesession.ike_sockets(ip))
+        inits.append((fd, pa, socks, ip))
+    fb = open_tun(lab.ns_b, "ike0", B_IN, NET_A)
+    for i in range(2, n + 1):
+        os.system(f"ip -n {lab.ns_b} route add 10.251.{10 + i}.0/24 dev ike0 src {B_IN}")
+    os.system(f"ip -n {lab.ns_b} route add 10.251.11.0/24 dev ike0 src {B_IN}")
+    sb = run_in_netns(lab.ns_b, lambda: ikesession.ike_sockets(VETH_B_ADDR))
+    out = {}
+
+    def pings():
+        res = []
+        for i in range(1, n + 1):
+            p = lab.run(
+                lab.ns_a,
+                ["ping", "-n", "-q", "-c", "5", "-i", "0.1", "-W", "2", "-I", f"ike{i}", B_IN],
+                check=False,
+            )
+            res.append(p.stdout.decode())
+        return res
+
+    async def main():
+        async with trio.open_nursery() as nur:
+            gb = await nur.start(
+                lambda **kw: ikesession.run(fb, Endpoint(pb_list), *sb, VETH_B_ADDR, **kw)
+            )
+            for fd, pa, socks, ip in inits:
+                await nur.start(
+                    lambda fd=fd, pa=pa, socks=socks, ip=ip, **kw: ikesession.run(
+                        fd, Endpoint([pa]), *socks, ip, **kw
+                    )
+                )
+            with trio.fail_after(20):
+                while not all(st.children for st in gb.peers.values()):
+                    await trio.sleep(0.05)
+            out["pings"] = await trio.to_thread.run_sync(pings)
+            out["status"] = gb.status()
+            nur.cancel_scope.cancel()
+
+    from .lab import parse_ping
+
+    try:
+        trio.run(main)
+    finally:
+        for fd, _pa, socks, _ip in inits:
+            for s in socks:
+                s.close()
+            os.close(fd)
+        for s in sb:
+            s.close()
+        os.close(fb)
+    for text in out["pings"]:
+        assert parse_ping(text)[:2] == (5, 5), text
+    peers = {p["name"]: p for p in out["status"]}
+    assert set(peers) == {"p1", "p2", "p3"}
+    eps = {p["endpoint"] for p in peers.values()}
+    assert eps == {f"{VETH_A_ADDR}:4500", "10.250.0.12:4500", "10.250.0.13:4500"}, eps
+    for p in peers.values():
+        assert p["remote_id"].endswith(".example") and len(p["child_sas"]) == 1, p
+        assert p["stats"]["rx_packets"] >= 5 and not p["stats"].get("drop_not_allowed"), p
