@@ -523,3 +523,30 @@ def partial_run(fd, ep, s500, s4500, local_ip, tap):
         await run(fd, ep, s500, s4500, local_ip, tap=tap, task_status=task_status)
 
     return go
+
+
+def cli_setup(server: bool, host: str | None, listen: str | None, psk: bytes, routes) -> IkeSetup:
+    """``-s --listen ADDR`` / ``-c HOST`` with ``--key-exchange ikev2``: one peer, the
+    --key file as PSK, IDs = IP addresses (any authenticated ID accepted), traffic selectors
+    everything (narrowed by nothing: one peer owns all prefixes), routes from --route."""
+    from simpletun._errors import ConfigError
+
+    endpoint = None
+    if server:
+        local_ip = listen
+    else:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            info = socket.getaddrinfo(host, 500, fam, socket.SOCK_DGRAM)[0]
+            with socket.socket(info[0], socket.SOCK_DGRAM) as s:
+                s.connect(info[4])  # no packet: only asks which source address a route gives
+                local_ip = s.getsockname()[0]
+        except OSError as e:
+            raise ConfigError(f"cannot reach the IKEv2 peer {host!r}: {e.strerror or e}") from None
+        endpoint = (info[4][0], 500)
+    every = ("0.0.0.0/0",) if ":" not in local_ip else ("::/0",)
+    peer = IkePeerSpec(
+        name="peer", identity=None, endpoint=endpoint, allowed_ips=every, local_ips=every,
+        psk=psk,
+    )  # fmt: skip
+    return IkeSetup(local_ip, None, None, (peer,))

@@ -104,3 +104,43 @@ def test_up_ping_status_reload_down(lab, tmp_path, monkeypatch, auth):
         monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
         st(lab, lab.ns_a, "down", DEV)
     assert DEV not in lab.links(lab.ns_a)
+
+
+def test_cli_key_exchange_ikev2_server_and_client(lab, tmp_path):
+    """`simpletun -s --listen ADDR --key-exchange ikev2` and `-c HOST --key-exchange ikev2`
+    with the same --key file: the IKEv2 tunnel comes up and carries pings."""
+    k = tmp_path / "k"
+    keyfile(k)
+    common = ["--key-exchange", "ikev2", "--key", str(k), "-i", "ikc0", "-d"]
+    srv = lab.spawn(
+        lab.ns_a,
+        [simpletun_cmd(), "-s", "--listen", VETH_A_ADDR, "--addr", "10.253.0.1/24", *common],
+        name="srv",
+    )
+    cli = lab.spawn(
+        lab.ns_b, [simpletun_cmd(), "-c", VETH_A_ADDR, "--addr", "10.253.0.2/24", *common],
+        name="cli",
+    )  # fmt: skip
+    try:
+        lab.wait_ping(lab.ns_b, "10.253.0.1", 20)
+        sent, received, _ = lab.ping(lab.ns_b, "10.253.0.1", count=10, interval=0.05)
+        assert (sent, received) == (10, 10)
+    finally:
+        cli.stop()
+        srv.stop()
+    assert "Child SA" in srv.stderr() and "installed" in srv.stderr(), srv.stderr()[-2000:]
+
+
+def test_cli_key_exchange_ikev2_usage_errors(tmp_path):
+    import subprocess
+
+    k = tmp_path / "k"
+    keyfile(k)
+    for extra, msg in (
+        (["-s"], "needs --listen"),
+        (["-c", "192.0.2.1", "--transport", "udp"], "drop -p, --transport"),
+        (["-c", "192.0.2.1", "--key-exchange", "ike"], "must be psk or ikev2"),
+    ):
+        argv = [simpletun_cmd(), "-i", "x0", "--key", str(k), "--key-exchange", "ikev2", *extra]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        assert p.returncode == 2 and msg in p.stderr and p.stderr.count("\n") == 1, p.stderr
