@@ -454,9 +454,30 @@ class IkeTunnel:
     def status(self) -> dict:
         peers = self.glue.status() if self.glue is not None else []
         c = self.config
+        for p in peers:  # the keys `simpletun status` (commands.format_status) prints
+            st = p["stats"]
+            p["allowed_ips"] = p["allowed"]
+            p["connected"] = bool(p["child_sas"])
+            ages = [ch["age"] for ch in p["child_sas"]]
+            p["latest_handshake"] = round(time.time() - min(ages), 3) if ages else None
+            for k in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
+                p[k] = st.get(k, 0)
+            p["drops"] = {k[5:]: v for k, v in st.items() if k.startswith("drop_") and v}
+            p["sas"] = [
+                sa
+                for ch in p["child_sas"]
+                for sa in (
+                    {"direction": "in", "spi": "0x" + ch["spi_in"], "age": ch["age"],
+                     "packets": st.get("rx_packets", 0)},
+                    {"direction": "out" if ch["outbound"] else "out (standby)",
+                     "spi": "0x" + ch["spi_out"], "age": ch["age"],
+                     "packets": st.get("tx_packets", 0) if ch["outbound"] else 0},
+                )
+            ]  # fmt: skip
         return {
             "interface": getattr(self.device, "name", c.ifname),
             "mode": "tap" if c.tap else "tun",
+            "encryption": "ESP keyed by IKEv2",
             "role": "ikev2",
             "transport": "udp",
             "dataplane": "userspace",

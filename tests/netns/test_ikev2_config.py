@@ -79,6 +79,8 @@ def test_up_ping_status_reload_down(lab, tmp_path, monkeypatch, auth):
         assert peer["endpoint"] == f"{VETH_A_ADDR}:4500", peer
         child = peer["child_sas"][0]
         assert len(child["spi_in"]) == 8 and child["outbound"], child
+        text = st(lab, lab.ns_b, "status", DEV)
+        assert text.returncode == 0 and f"spi 0x{child['spi_out']}" in text.stdout.decode(), text
         # reload the responder with a second peer while a ping runs through the first
         monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
         ping = lab.spawn(
