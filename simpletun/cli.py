@@ -66,6 +66,8 @@ Usage:
   --transport T    tcp (default), udp (ESP-in-UDP, RFC 3948) or raw (ESP, IP protocol 50;
                    handshake over UDP); both ends must agree
   --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
+  --key-exchange K psk (default: simpletun's own handshake) or ikev2 (RFC 7296 on UDP 500/4500,
+                   ESP-in-UDP; --key is the IKE pre-shared key; a server needs --listen)
   --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
@@ -124,6 +126,7 @@ _METAVARS = {
     "--route": "CIDR",
     "--listen": "ADDR",
     "--transport": "T",
+    "--key-exchange": "K",
 }
 
 
@@ -177,6 +180,7 @@ def _parser() -> _Parser:
     p.add_argument("--route", dest="routes", type=_route, action="append", default=[])
     p.add_argument("--listen", dest="listen", type=_host)
     p.add_argument("--transport", type=_transport, default="tcp")
+    p.add_argument("--key-exchange", dest="key_exchange", default="psk")
     return p
 
 
@@ -207,6 +211,30 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         if ns.key is None:
             raise UsageError(NO_KEY_HINT)
         key = keys.load_key(ns.key)  # ConfigError: one line
+    ike = None
+    if ns.key_exchange not in ("psk", "ikev2"):
+        raise UsageError(f"--key-exchange must be psk or ikev2, got {ns.key_exchange!r}")
+    if ns.key_exchange == "ikev2":
+        from simpletun.ikesession import cli_setup
+
+        if key is None:
+            raise UsageError("--key-exchange ikev2 needs --key FILE (the IKE pre-shared key)")
+        if ns.port is not None or ns.transport != "tcp" or ns.cipher is not None:
+            raise UsageError(
+                "--key-exchange ikev2 runs on UDP 500/4500 with negotiated ciphers: "
+                "drop -p, --transport and --cipher"
+            )
+        if ns.server and ns.listen is None:
+            raise UsageError("--key-exchange ikev2 -s needs --listen ADDR (this host's IP)")
+        ike = cli_setup(ns.server, ns.host, ns.listen, key, tuple(ns.routes))
+        ns.transport, ns.port = "udp", ESP_IN_UDP_PORT
+        if ns.mtu is None:
+            ns.mtu = default_mtu("udp", ns.host or ns.listen, tap=ns.tap, server=True)
+        return Config(
+            server=True, ifname=ns.ifname, host=ike.local_ip, port=ns.port, tap=ns.tap,
+            mtu=ns.mtu, addresses=tuple(ns.addrs), routes=tuple(ns.routes), transport="udp",
+            ike=ike,
+        ), ns.debug  # fmt: skip
     if ns.port is None:
         ns.port = DEFAULT_PORT if ns.transport == "tcp" else ESP_IN_UDP_PORT
     if ns.mtu is None:

@@ -169,11 +169,12 @@ class Config:
     # How often the device is checked (deleted, renamed, downed) besides when a pump fails.
     device_check_interval: float = 0.5
     transport: str = "tcp"  # "tcp" (simpletun.session), "udp" or "raw" (simpletun.datagram)
+    ike: object | None = field(default=None, repr=False)  # ikesession.IkeSetup: IKEv2 keying
 
     def __post_init__(self) -> None:
         check_ifname(self.ifname)
         check_transport(self.transport)
-        if self.transport != "tcp" and self.key is None:
+        if self.transport != "tcp" and self.key is None and self.ike is None:
             raise ConfigError(
                 f"--transport {self.transport} needs --key: plaintext (simpletun.c) is TCP only"
             )

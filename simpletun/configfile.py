@@ -69,13 +69,31 @@ INTERFACE_KEYS = {
     "dataplane": str,
     "post_up": list,
     "pre_down": list,
+    # IKEv2 (key_exchange = "ikev2"; see README "IKEv2 peers")
+    "key_exchange": str,
+    "private_key_file": str,
+    "local_id": str,
 }
 PEER_KEYS = {
     "name": str,
     "endpoint": str,
     "allowed_ips": list,
     "persistent_keepalive": int,
+    # IKEv2 only
+    "identity": str,
+    "auth": str,
+    "psk_file": str,
+    "public_key": str,
+    "local_ips": list,
+    "rekey_time": int,
+    "ike_rekey_time": int,
+    "dpd_delay": int,
 }
+IKE_ONLY_PEER_KEYS = (
+    "identity", "auth", "psk_file", "public_key", "local_ips", "rekey_time", "ike_rekey_time",
+    "dpd_delay",
+)  # fmt: skip
+KEY_EXCHANGES = ("psk", "ikev2")
 TRANSPORTS = ("tcp", "udp", "raw")
 DATAPLANES = ("userspace",)
 
@@ -229,6 +247,19 @@ def loads(text: str, path: Path) -> TunnelFile:
         except ConfigError as e:
             raise w.error(table, key, str(e), index) from None
 
+    kx = iface.get("key_exchange", "psk")
+    if kx not in KEY_EXCHANGES:
+        raise w.error("interface", "key_exchange", f'must be "psk" or "ikev2", got {kx!r}')
+    if kx == "ikev2":
+        return _loads_ikev2(w, path, iface, peers_raw, check)
+    for key in ("private_key_file", "local_id"):
+        if key in iface:
+            raise w.error("interface", key, 'needs key_exchange = "ikev2"')
+    for i, p in enumerate(peers_raw):
+        for key in IKE_ONLY_PEER_KEYS:
+            if key in p:
+                raise w.error("peer", key, 'needs key_exchange = "ikev2" in [interface]', i)
+
     name = check("name", check_ifname, iface.get("name", path.stem))
     mode = iface.get("mode", "tun")
     if mode not in ("tun", "tap"):
@@ -350,6 +381,153 @@ def loads(text: str, path: Path) -> TunnelFile:
     post_up = tuple(_strings(w, "interface", "post_up", iface.get("post_up", [])))
     pre_down = tuple(_strings(w, "interface", "pre_down", iface.get("pre_down", [])))
     return TunnelFile(path, config, tuple(peers), post_up, pre_down, key_file)
+
+
+def _key_path(path: Path, value: str) -> str:
+    kpath = Path(value)
+    return str(kpath if kpath.is_absolute() else path.parent / kpath)
+
+
+def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> TunnelFile:
+    """A tunnel keyed by IKEv2: many [[peer]] tables, each with its identity and auth."""
+    from simpletun.ike.keys import load_public_key
+    from simpletun.ikesession import IkePeerSpec, IkeSetup
+
+    for key in ("key_file", "plaintext", "cipher", "listen_port"):
+        if key in iface:
+            raise w.error(
+                "interface", key, 'does not apply to key_exchange = "ikev2" (IKE uses UDP 500 '
+                "and 4500; keys are per [[peer]])",
+            )  # fmt: skip
+    transport = iface.get("transport", "udp")
+    if transport != "udp":
+        raise w.error("interface", "transport", 'IKEv2 tunnels use "udp" (ESP-in-UDP, 4500)')
+    if iface.get("dataplane", "userspace") not in DATAPLANES:
+        raise w.error("interface", "dataplane", f"only {', '.join(DATAPLANES)} in this version")
+    name = check("name", check_ifname, iface.get("name", path.stem))
+    mode = iface.get("mode", "tun")
+    if mode not in ("tun", "tap"):
+        raise w.error("interface", "mode", f'must be "tun" or "tap", got {mode!r}')
+    addresses = tuple(
+        check("address", check_address, a)
+        for a in _strings(w, "interface", "address", iface.get("address", []))
+    )
+    if "listen_address" not in iface:
+        raise w.error(
+            "interface", None, "IKEv2 needs listen_address = \"<this host's IP>\" (the local "
+            "IKE address, used for NAT detection and as the default identity)",
+        )  # fmt: skip
+    local_ip = check("listen_address", check_host, iface["listen_address"])
+    private = None
+    if "private_key_file" in iface:
+        kp = _key_path(path, iface["private_key_file"])
+        private = check("private_key_file", keys.load_key, kp)
+    local_id = iface.get("local_id")
+    if local_id is not None:
+        check("local_id", _check_identity, local_id)
+    default_local = tuple(str(a.network) for a in addresses)
+    if not peers_raw:
+        raise w.error("interface", None, "an IKEv2 tunnel needs at least one [[peer]]")
+    specs, names, ids = [], set(), set()
+    for i, p in enumerate(peers_raw):
+        pname = p.get("name", p.get("identity", f"peer{i + 1}"))
+        if pname in names:
+            raise w.error("peer", "name", f"{pname!r} is used by two peers", i)
+        names.add(pname)
+        endpoint = None
+        if "endpoint" in p:
+            host, port = check("endpoint", parse_endpoint, p["endpoint"], "peer", i)
+            endpoint = (host, port or 500)
+        identity = p.get("identity")
+        if identity is not None:
+            check("identity", _check_identity, identity, "peer", i)
+            if identity in ids:
+                raise w.error("peer", "identity", f"{identity!r} is used by two peers", i)
+            ids.add(identity)
+        elif endpoint is None or len(peers_raw) > 1:
+            raise w.error(
+                "peer", None, "set identity = \"...\" (the peer's IKE ID: an IP address, "
+                "an FQDN or keyid:HEX); with several peers it tells them apart", i,
+            )  # fmt: skip
+        allowed = tuple(
+            check("allowed_ips", check_route, a, "peer", i)
+            for a in _strings(w, "peer", "allowed_ips", p.get("allowed_ips", []), i)
+        )
+        if not allowed:
+            raise w.error(
+                "peer", "allowed_ips", "list the peer's prefixes (its traffic selectors)", i
+            )
+        local_ips = tuple(
+            check("local_ips", check_route, a, "peer", i)
+            for a in _strings(w, "peer", "local_ips", p.get("local_ips", list(default_local)), i)
+        )
+        if not local_ips:
+            raise w.error("peer", "local_ips", "set local_ips or an [interface] address", i)
+        auth = p.get("auth", "ed25519" if "public_key" in p else "psk")
+        psk = pub = None
+        if auth == "psk":
+            if "psk_file" not in p:
+                raise w.error(
+                    "peer", None, "auth = \"psk\" needs psk_file = \"FILE\" (made by "
+                    "'simpletun genkey', the same file at the peer)", i,
+                )  # fmt: skip
+            psk = check("psk_file", keys.load_key, _key_path(path, p["psk_file"]), "peer", i)
+        elif auth == "ed25519":
+            if "public_key" not in p:
+                raise w.error("peer", "auth", "ed25519 needs public_key (simpletun pubkey)", i)
+            if private is None:
+                raise w.error(
+                    "interface", None, "an ed25519 peer needs private_key_file = \"FILE\" "
+                    "(made by 'simpletun genkey'; the peer gets 'simpletun pubkey < FILE')",
+                )  # fmt: skip
+            pub = check(
+                "public_key", lambda v: load_public_key(v, "public_key"), p["public_key"], "peer", i
+            )
+        else:
+            raise w.error("peer", "auth", f'must be "psk" or "ed25519", got {auth!r}', i)
+        times = {}
+        for key in ("rekey_time", "ike_rekey_time", "dpd_delay"):
+            if key in p:
+                if not 1 <= p[key] <= 86400 * 7:
+                    raise w.error("peer", key, f"must be 1-604800 seconds, got {p[key]}", i)
+                times[key] = p[key]
+        if "persistent_keepalive" in p and not 1 <= p["persistent_keepalive"] <= 3600:
+            raise w.error("peer", "persistent_keepalive", "must be 1-3600 seconds", i)
+        specs.append(
+            IkePeerSpec(
+                name=pname, identity=identity, endpoint=endpoint, allowed_ips=allowed,
+                local_ips=local_ips, psk=psk, public_key=pub, **times,
+            )
+        )  # fmt: skip
+    setup = IkeSetup(local_ip, local_id, private, tuple(specs))
+    routes = tuple(r for sp in specs for r in sp.allowed_ips)
+    mtu = iface.get("mtu")
+    if mtu is not None:
+        check("mtu", check_mtu, mtu)
+    config = Config(
+        server=True, ifname=name, host=local_ip, port=ESP_IN_UDP_PORT, tap=mode == "tap",
+        mtu=mtu if mtu is not None else default_mtu("udp", local_ip, tap=mode == "tap",
+                                                    server=True),
+        transport="udp", addresses=addresses, routes=routes, ike=setup,
+    )  # fmt: skip
+    peers = tuple(
+        Peer(sp.name, sp.endpoint, sp.allowed_ips, p.get("persistent_keepalive"))
+        for sp, p in zip(specs, peers_raw, strict=True)
+    )
+    post_up = tuple(_strings(w, "interface", "post_up", iface.get("post_up", [])))
+    pre_down = tuple(_strings(w, "interface", "pre_down", iface.get("pre_down", [])))
+    return TunnelFile(path, config, peers, post_up, pre_down, None)
+
+
+def _check_identity(text: str) -> str:
+    if not text or len(text) > 255 or any(ch.isspace() for ch in text):
+        raise ConfigError(f"{text!r} is not an IKE identity (IP address, FQDN or keyid:HEX)")
+    if text.startswith("keyid:"):
+        try:
+            bytes.fromhex(text[6:])
+        except ValueError:
+            raise ConfigError(f"{text!r}: keyid: needs hex digits") from None
+    return text
 
 
 def load(name_or_path: str) -> TunnelFile:

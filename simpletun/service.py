@@ -25,6 +25,10 @@ RESTART_FIELDS = ("server", "ifname", "host", "port", "tap", "key", "cipher", "m
 
 def runner(config):
     """The tunnel loop for the config's transport."""
+    if getattr(config, "ike", None) is not None:
+        from simpletun import ikesession
+
+        return ikesession.run_config
     if config.transport == "tcp":
         return session.run
     from simpletun import datagram
@@ -82,6 +86,9 @@ class Service:
                     systemd.notify("READY=1")
                     return {"ok": False, "error": str(e)}
                 self.tunnel.config = replace(self.tunnel.config, routes=new.config.routes)
+            peer_changes: dict = {}
+            if getattr(new.config, "ike", None) is not None and hasattr(self.tunnel, "apply_peers"):
+                peer_changes = self.tunnel.apply_peers(new.config.ike)
             keep = {f: getattr(old, f) for f in needs}
             self.file = replace(new, config=replace(new.config, **keep))
             log.info(
@@ -97,6 +104,7 @@ class Service:
                 "routes_added": [str(r) for r in added],
                 "routes_removed": [str(r) for r in removed],
                 "needs_restart": needs,
+                **peer_changes,
             }
 
     async def handle(self, req: dict) -> dict:
@@ -115,6 +123,10 @@ class Service:
         t = self.tunnel
         if t is None:
             return "STATUS=starting"
+        if hasattr(t, "apply_peers"):
+            peers = t.status()["peers"]
+            up = sum(1 for p in peers if p["child_sas"])
+            return f"STATUS={up} of {len(peers)} IKEv2 peer(s) up"
         if t.session is not None:
             return f"STATUS=peer {t.session.peer} connected ({t.sessions} session(s) so far)"
         why = f"; last: {t.last_exit_reason}" if t.last_exit_reason else ""

@@ -449,6 +449,7 @@ class Endpoint:
         half_open_timeout: float = 30.0,
         keepalive_interval: float = 20.0,
         rng: random.Random | None = None,
+        force_encap: bool = False,
     ):
         self.peers = list(peers)
         self.responder_suites = responder_suites
@@ -456,6 +457,10 @@ class Endpoint:
         self.max_half_open = max_half_open
         self.half_open_timeout = half_open_timeout
         self.keepalive_interval = keepalive_interval
+        # always UDP-encapsulate ESP (RFC 7296 2.23: a host may pretend to be behind a NAT by
+        # sending a NAT_DETECTION_SOURCE_IP that matches nothing; strongSwan's encap=yes):
+        # for a data plane that carries ESP-in-UDP only
+        self.force_encap = force_encap
         self.now = 0.0  # time of the call being handled
         self._log_limit = LogLimiter()
         self.sas: dict[bytes, IkeSa] = {}
@@ -719,8 +724,11 @@ class Endpoint:
             rip = ipaddress.ip_address(sa.remote[0]).packed
         except ValueError:
             return []
+        src = cr.natd_hash(spi_i, spi_r, lip, sa.local_port)
+        if self.force_encap:
+            src = os.urandom(len(src))
         return [
-            m.Notify(c.N_NAT_DETECTION_SOURCE_IP, cr.natd_hash(spi_i, spi_r, lip, sa.local_port)),
+            m.Notify(c.N_NAT_DETECTION_SOURCE_IP, src),
             m.Notify(
                 c.N_NAT_DETECTION_DESTINATION_IP, cr.natd_hash(spi_i, spi_r, rip, sa.remote[1])
             ),
@@ -742,7 +750,9 @@ class Endpoint:
         want_dst = cr.natd_hash(msg.spi_i, msg.spi_r, lip, local[1])
         remote_nat = all(s.data != want_src for s in srcs)
         local_nat = dst.data != want_dst
-        sa.local_nat = local_nat
+        sa.local_nat = local_nat or self.force_encap
+        if self.force_encap:
+            return True
         if remote_nat:
             log.debug("remote host is behind NAT")
         if local_nat:

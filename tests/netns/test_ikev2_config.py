@@ -1,0 +1,148 @@
+"""IKEv2 tunnels from config files (`key_exchange = "ikev2"`): `simpletun up` in two
+namespaces, ping through the tunnel, `status --json` per peer with its Child SAs, `reload`
+adding a peer while the first one's traffic continues, `down`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simpletun import keys
+from simpletun.ike.keys import public_key_text
+
+from .lab import VETH_A_ADDR, VETH_B_ADDR, parse_ping
+from .tunnel import DEV, simpletun_cmd
+
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("tunnel_ready")]
+
+A_IN, B_IN = "10.252.1.1", "10.252.2.1"
+
+
+def st(lab, ns, *args):
+    return lab.run(ns, [simpletun_cmd(), *args], check=False, timeout=40)
+
+
+def status(lab, ns) -> dict:
+    proc = st(lab, ns, "status", DEV, "--json")
+    return json.loads(proc.stdout)
+
+
+def keyfile(path, key=None):
+    key = key or keys.generate_key()
+    path.write_text(keys.encode_key(key) + "\n")
+    path.chmod(0o600)
+    return key
+
+
+@pytest.mark.parametrize("auth", ["psk", "ed25519"])
+def test_up_ping_status_reload_down(lab, tmp_path, monkeypatch, auth):
+    psk = tmp_path / "psk.key"
+    keyfile(psk)
+    ka, kb = tmp_path / "a.key", tmp_path / "b.key"
+    pub_a = public_key_text(keyfile(ka)).strip()
+    pub_b = public_key_text(keyfile(kb)).strip()
+    if auth == "psk":
+        auth_a, auth_b = f'psk_file = "{psk}"', f'psk_file = "{psk}"'
+        ikey_a = ikey_b = ""
+    else:
+        auth_a, auth_b = f'public_key = "{pub_b}"', f'public_key = "{pub_a}"'
+        ikey_a, ikey_b = f'private_key_file = "{ka}"\n', f'private_key_file = "{kb}"\n'
+    resp = tmp_path / "a" / f"{DEV}.toml"
+    resp.parent.mkdir()
+    head_a = (
+        f'[interface]\nkey_exchange = "ikev2"\naddress = ["{A_IN}/24"]\n'
+        f'listen_address = "{VETH_A_ADDR}"\nlocal_id = "a.example"\n{ikey_a}\n'
+        f'[[peer]]\nname = "b"\nidentity = "b.example"\nallowed_ips = ["10.252.2.0/24"]\n'
+        f"{auth_a}\n"
+    )
+    resp.write_text(head_a)
+    init = tmp_path / "b" / f"{DEV}.toml"
+    init.parent.mkdir()
+    init.write_text(
+        f'[interface]\nkey_exchange = "ikev2"\naddress = ["{B_IN}/24"]\n'
+        f'listen_address = "{VETH_B_ADDR}"\nlocal_id = "b.example"\n{ikey_b}\n'
+        f'[[peer]]\nname = "a"\nidentity = "a.example"\nendpoint = "{VETH_A_ADDR}"\n'
+        f'allowed_ips = ["10.252.1.0/24"]\n{auth_b}\n'
+    )
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+    up = st(lab, lab.ns_a, "up", str(resp))
+    assert up.returncode == 0, up.stderr
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-b"))
+    up = st(lab, lab.ns_b, "up", str(init))
+    assert up.returncode == 0, up.stderr
+    try:
+        lab.wait_ping(lab.ns_b, A_IN, 20)
+        s = status(lab, lab.ns_b)
+        (peer,) = s["peers"]
+        assert s["key_exchange"] == "ikev2" and peer["ike_sa"] and peer["child_sas"], s
+        assert peer["endpoint"] == f"{VETH_A_ADDR}:4500", peer
+        child = peer["child_sas"][0]
+        assert len(child["spi_in"]) == 8 and child["outbound"], child
+        text = st(lab, lab.ns_b, "status", DEV)
+        assert text.returncode == 0 and f"spi 0x{child['spi_out']}" in text.stdout.decode(), text
+        # reload the responder with a second peer while a ping runs through the first
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+        ping = lab.spawn(
+            lab.ns_b, ["ping", "-n", "-q", "-c", "30", "-i", "0.05", A_IN], name="ping"
+        )
+        resp.write_text(
+            head_a + '\n[[peer]]\nname = "c"\nidentity = "c.example"\n'
+            f'allowed_ips = ["10.252.3.0/24"]\npsk_file = "{psk}"\n'
+        )
+        rl = st(lab, lab.ns_a, "reload", DEV)
+        assert rl.returncode == 0, rl.stderr
+        ping.wait(20)
+        sent, received, _ = parse_ping(ping.stdout())
+        assert sent == 30 and received == 30, ping.stdout()
+        sa = status(lab, lab.ns_a)
+        names = {p["name"]: p for p in sa["peers"]}
+        assert set(names) == {"b", "c"}, sa
+        assert names["b"]["child_sas"] and not names["c"]["child_sas"], sa
+        assert "10.252.3.0/24 dev st0" in lab.run(lab.ns_a, ["ip", "route"]).stdout.decode()
+    finally:
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-b"))
+        st(lab, lab.ns_b, "down", DEV)
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+        st(lab, lab.ns_a, "down", DEV)
+    assert DEV not in lab.links(lab.ns_a)
+
+
+def test_cli_key_exchange_ikev2_server_and_client(lab, tmp_path):
+    """`simpletun -s --listen ADDR --key-exchange ikev2` and `-c HOST --key-exchange ikev2`
+    with the same --key file: the IKEv2 tunnel comes up and carries pings."""
+    k = tmp_path / "k"
+    keyfile(k)
+    common = ["--key-exchange", "ikev2", "--key", str(k), "-i", "ikc0", "-d"]
+    srv = lab.spawn(
+        lab.ns_a,
+        [simpletun_cmd(), "-s", "--listen", VETH_A_ADDR, "--addr", "10.253.0.1/24", *common],
+        name="srv",
+    )
+    cli = lab.spawn(
+        lab.ns_b, [simpletun_cmd(), "-c", VETH_A_ADDR, "--addr", "10.253.0.2/24", *common],
+        name="cli",
+    )  # fmt: skip
+    try:
+        lab.wait_ping(lab.ns_b, "10.253.0.1", 20)
+        sent, received, _ = lab.ping(lab.ns_b, "10.253.0.1", count=10, interval=0.05)
+        assert (sent, received) == (10, 10)
+    finally:
+        cli.stop()
+        srv.stop()
+    assert "Child SA" in srv.stderr() and "installed" in srv.stderr(), srv.stderr()[-2000:]
+
+
+def test_cli_key_exchange_ikev2_usage_errors(tmp_path):
+    import subprocess
+
+    k = tmp_path / "k"
+    keyfile(k)
+    for extra, msg in (
+        (["-s"], "needs --listen"),
+        (["-c", "192.0.2.1", "--transport", "udp"], "drop -p, --transport"),
+        (["-c", "192.0.2.1", "--key-exchange", "ike"], "must be psk or ikev2"),
+    ):
+        argv = [simpletun_cmd(), "-i", "x0", "--key", str(k), "--key-exchange", "ikev2", *extra]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        assert p.returncode == 2 and msg in p.stderr and p.stderr.count("\n") == 1, p.stderr

@@ -1,0 +1,219 @@
+"""The IKEv2 <-> data plane glue (simpletun.ikesession.IkeGlue) without sockets: two glues over
+fake data planes, datagrams passed in memory; and the ikev2 config-file checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from simpletun import configfile, keys
+from simpletun._errors import ConfigError
+from simpletun.ike import Endpoint, Identity, PeerConfig
+from simpletun.ikesession import NATT_PORT, IkeGlue
+
+
+class FakeDp:
+    def __init__(self):
+        self.calls: list = []
+        self.peers_: dict = {}
+        self.inbound: dict = {}
+        self.outbound: dict = {}
+        self.n = 0
+
+    def add_peer(self, tid, allowed, endpoint=None):
+        self.n += 1
+        self.peers_[self.n] = [list(allowed), endpoint]
+        return self.n
+
+    def remove_peer(self, p):
+        self.peers_.pop(p)
+
+    def set_endpoint(self, p, ep):
+        self.peers_[p][1] = ep
+
+    def endpoint(self, p):
+        return self.peers_[p][1]
+
+    def add_inbound_sa(self, peer, spi, enc, auth, esn=False):
+        self.calls.append(("in", spi))
+        self.inbound[spi] = peer
+
+    def set_outbound_sa(self, peer, spi, enc, auth, esn=False):
+        self.calls.append(("out", spi))
+        self.outbound[peer] = spi
+
+    def clear_outbound_sa(self, peer):
+        self.outbound.pop(peer, None)
+
+    def remove_inbound_sa(self, spi, grace=0.0):
+        self.calls.append(("rm", spi, grace))
+
+    def send_keepalive(self, tid, remote):
+        self.wire.append(("ka", remote, b"\xff"))
+
+    def send_control(self, tid, remote, data):
+        self.wire.append((NATT_PORT, remote, data))
+
+    def peer_stats(self, p):
+        return {}
+
+    def sas(self):
+        return []
+
+
+class Clock:
+    t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def pair():
+    psk = os.urandom(32)
+    clock = Clock()
+    pa = PeerConfig(name="b", local_ts=["10.1.0.0/24"], remote_ts=["10.2.0.0/24"],
+                    local_addr="192.0.2.1", remote_addr=("192.0.2.2", 500), psk=psk,
+                    local_id=Identity.parse("a.example"))  # fmt: skip
+    pb = PeerConfig(name="a", local_ts=["10.2.0.0/24"], remote_ts=["10.1.0.0/24"],
+                    local_addr="192.0.2.2", psk=psk,
+                    remote_id=Identity.parse("a.example"))  # fmt: skip
+    wire: list = []
+    glues = {}
+    for ip, peer in (("192.0.2.1", pa), ("192.0.2.2", pb)):
+        dp = FakeDp()
+        dp.wire = wire
+        ep = Endpoint([peer], force_encap=True)
+        glues[ip] = IkeGlue(ep, dp, 1, lambda d, r, w=wire: w.append((500, r, d)), ip, clock=clock)
+        glues[ip].src = ip
+    return glues["192.0.2.1"], glues["192.0.2.2"], wire, clock
+
+
+def pump(a, b, wire):
+    for _ in range(50):
+        if not wire:
+            return
+        port, remote, data = wire.pop(0)
+        if port == "ka":
+            continue
+        dst = a if remote[0] == a.src else b
+        src = b if dst is a else a
+        if port == NATT_PORT:
+            dst.on_event(("control", 1, (src.src, NATT_PORT), data))
+        else:
+            dst.receive(data, 500, (src.src, 500))
+
+
+def test_glue_installs_inbound_before_outbound_and_rekeys_on_sa_limit():
+    a, b, wire, clock = pair()
+    a.start(a.ep.peers[0])
+    pump(a, b, wire)
+    sb, sa_ = b.peers["a"], a.peers["b"]
+    assert sa_.children and sb.children
+    # the responder's data-plane peer learned the initiator's NAT-T endpoint
+    assert b.dp.endpoint(sb.dp_peer) == ("192.0.2.1", NATT_PORT)
+    assert a.dp.peers_[sa_.dp_peer][0] == ["10.2.0.0/24"]
+    (spi_in,) = sa_.children
+    assert a.dp.calls[:2] == [("in", spi_in), ("out", sa_.children[spi_in].spi_out)]
+    first_out = a.dp.outbound[sa_.dp_peer]
+    # the data plane says the outbound SA is near its limit: a Child SA rekey follows
+    a.on_event(("sa_limit", sa_.dp_peer, first_out, 1 << 31, 0))
+    pump(a, b, wire)
+    assert a.dp.outbound[sa_.dp_peer] != first_out
+    assert b.dp.outbound[sb.dp_peer] != b.dp.calls[1][1]
+    for dp in (a.dp, b.dp):
+        # every new inbound SA was installed before any outbound switch to its pair, and old
+        # inbound SAs are removed with a grace period
+        rms = [c for c in dp.calls if c[0] == "rm"]
+        assert rms and all(c[2] > 0 for c in rms), dp.calls
+        ins = [c[1] for c in dp.calls if c[0] == "in"]
+        assert len(ins) == 2
+    assert spi_in not in sa_.children and len(sa_.children) == 1
+    st = a.status()[0]
+    assert st["ike_sa"] and st["child_sas"][0]["outbound"]
+
+
+def test_initiator_reinitiates_after_its_ike_sa_goes_down():
+    a, b, wire, clock = pair()
+    a.start(a.ep.peers[0])
+    pump(a, b, wire)
+    (sa,) = a.ep.find("b")
+    a.handle(a.ep.delete_ike(sa, clock()))
+    pump(a, b, wire)
+    assert not a.peers["b"].ike_sa and "b" in a.down_initiators
+    clock.t += 5
+    a.tick()
+    pump(a, b, wire)
+    assert a.peers["b"].ike_sa and a.peers["b"].children
+
+
+def write(tmp: Path, body: str) -> Path:
+    p = tmp / "st0.toml"
+    p.write_text(body)
+    return p
+
+
+def _key(tmp: Path, name: str) -> Path:
+    p = tmp / name
+    p.write_text(keys.encode_key(keys.generate_key()) + "\n")
+    p.chmod(0o600)
+    return p
+
+
+HEAD = (
+    '[interface]\nkey_exchange = "ikev2"\naddress = ["10.9.0.1/24"]\nlisten_address = "192.0.2.1"\n'
+)
+
+
+def test_ikev2_file_with_three_peers(tmp_path):
+    psk = _key(tmp_path, "psk")
+    priv = _key(tmp_path, "priv")
+    from simpletun.ike.keys import public_key_text
+
+    pub = public_key_text(keys.load_key(str(_key(tmp_path, "other")))).strip()
+    text = HEAD + f'private_key_file = "{priv}"\n'
+    for i, auth in enumerate(
+        (f'psk_file = "{psk}"', f'public_key = "{pub}"', f'psk_file = "{psk}"')
+    ):
+        text += (
+            f'\n[[peer]]\nidentity = "p{i}.example"\nallowed_ips = ["10.9.{i + 1}.0/24"]\n{auth}\n'
+        )
+    text += 'endpoint = "198.51.100.7"\n'
+    tf = configfile.loads(text, tmp_path / "st0.toml")
+    setup = tf.config.ike
+    assert [sp.name for sp in setup.peers] == ["p0.example", "p1.example", "p2.example"]
+    assert setup.peers[1].public_key is not None and setup.peers[0].psk is not None
+    assert setup.peers[2].endpoint == ("198.51.100.7", 500)
+    assert setup.peers[0].local_ips[0].__str__() == "10.9.0.0/24"
+    assert [str(r) for r in tf.config.routes] == ["10.9.1.0/24", "10.9.2.0/24", "10.9.3.0/24"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ('\n[[peer]]\nallowed_ips = ["10.9.1.0/24"]\npsk_file = "PSK"\n'
+         '\n[[peer]]\nidentity = "b"\nallowed_ips = ["10.9.2.0/24"]\npsk_file = "PSK"\n',
+         "set identity"),
+        ('\n[[peer]]\nidentity = "b"\nallowed_ips = ["10.9.1.0/24"]\n', "needs psk_file"),
+        ('\n[[peer]]\nidentity = "b"\nallowed_ips = ["10.9.1.0/24"]\npublic_key = "eA=="\n',
+         "needs private_key_file"),
+        ('\n[[peer]]\nidentity = "b"\nauth = "rsa"\nallowed_ips = ["10.9.1.0/24"]\n',
+         'must be "psk" or "ed25519"'),
+        ('listen_port = 500\n[[peer]]\nidentity = "b"\nallowed_ips = ["10.9.1.0/24"]\n',
+         "does not apply"),
+    ],
+)  # fmt: skip
+def test_ikev2_file_errors_are_one_line(tmp_path, extra, message):
+    psk = _key(tmp_path, "psk")
+    with pytest.raises(ConfigError) as e:
+        configfile.loads(HEAD + extra.replace("PSK", str(psk)), tmp_path / "st0.toml")
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert "st0.toml:" in str(e.value)
+
+
+def test_ike_keys_refused_without_ikev2(tmp_path):
+    k = _key(tmp_path, "k")
+    text = f'[interface]\nlisten_port = 4000\nkey_file = "{k}"\n[[peer]]\nidentity = "x"\n'
+    with pytest.raises(ConfigError, match='needs key_exchange = "ikev2"'):
+        configfile.loads(text, tmp_path / "st0.toml")
