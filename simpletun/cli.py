@@ -25,6 +25,7 @@ from simpletun.config import (
     Config,
     check_address,
     check_cipher,
+    check_dataplane,
     check_host,
     check_ifname,
     check_mtu,
@@ -66,6 +67,9 @@ Usage:
   --transport T    tcp (default), udp (ESP-in-UDP, RFC 3948) or raw (ESP, IP protocol 50;
                    handshake over UDP); both ends must agree
   --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
+  --dataplane DP   userspace (default) or kernel: ESP in the Linux kernel (xfrm, an xfrm
+                   interface carries the routes; udp/raw only, needs --manual-keys)
+  --manual-keys F  manual key file (SPIs + keys per direction; same file on both ends)
   --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
@@ -124,6 +128,8 @@ _METAVARS = {
     "--route": "CIDR",
     "--listen": "ADDR",
     "--transport": "T",
+    "--dataplane": "DP",
+    "--manual-keys": "FILE",
 }
 
 
@@ -157,6 +163,7 @@ _route = _checked(check_route)
 _ifname = _checked(check_ifname)
 _host = _checked(check_host)
 _transport = _checked(check_transport)
+_dataplane = _checked(check_dataplane)
 
 
 def _parser() -> _Parser:
@@ -177,6 +184,8 @@ def _parser() -> _Parser:
     p.add_argument("--route", dest="routes", type=_route, action="append", default=[])
     p.add_argument("--listen", dest="listen", type=_host)
     p.add_argument("--transport", type=_transport, default="tcp")
+    p.add_argument("--dataplane", type=_dataplane, default="userspace")
+    p.add_argument("--manual-keys", dest="manual_keys")
     return p
 
 
@@ -204,9 +213,9 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         raise UsageError("--cipher does not apply to --plaintext (it sends packets unencrypted)")
     key = None
     if not ns.plaintext:
-        if ns.key is None:
+        if ns.key is None and ns.manual_keys is None:
             raise UsageError(NO_KEY_HINT)
-        key = keys.load_key(ns.key)  # ConfigError: one line
+        key = keys.load_key(ns.key) if ns.key is not None else None  # ConfigError: one line
     if ns.port is None:
         ns.port = DEFAULT_PORT if ns.transport == "tcp" else ESP_IN_UDP_PORT
     if ns.mtu is None:
@@ -224,6 +233,8 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         addresses=tuple(ns.addrs),
         routes=tuple(ns.routes),
         transport=ns.transport,
+        dataplane=ns.dataplane,
+        manual_keys=ns.manual_keys,
     ), ns.debug
 
 
@@ -426,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0
     config, debug = parsed
+    if config.dataplane == "kernel":  # a kernel without ESP: one line, exit 2
+        from simpletun import kernel_dp
+
+        try:
+            kernel_dp.preflight(config)
+        except ConfigError as e:
+            return _error(str(e), 2)
     limiter = _setup_logging(debug)
     from functools import partial
 

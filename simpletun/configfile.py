@@ -13,7 +13,7 @@
     cipher = "aes-128-cbc"
     mtu = 1400                       # optional
     transport = "tcp"                # or "udp" (ESP-in-UDP, port 4500) or "raw" (ESP)
-    dataplane = "userspace"          # the only one until kernel ESP lands
+    dataplane = "userspace"          # or "kernel" (xfrm; udp/raw, needs manual_keys_file)
     post_up = ["iptables -A FORWARD -i %i -j ACCEPT"]    # run by /bin/sh; %i = the device
     pre_down = ["iptables -D FORWARD -i %i -j ACCEPT"]
 
@@ -62,6 +62,7 @@ INTERFACE_KEYS = {
     "listen_port": int,
     "listen_address": str,
     "key_file": str,
+    "manual_keys_file": str,
     "plaintext": bool,
     "cipher": str,
     "mtu": int,
@@ -77,7 +78,7 @@ PEER_KEYS = {
     "persistent_keepalive": int,
 }
 TRANSPORTS = ("tcp", "udp", "raw")
-DATAPLANES = ("userspace",)
+DATAPLANES = ("userspace", "kernel")  # simpletun.config.check_dataplane
 
 
 class ConfigFileError(ConfigError):
@@ -253,9 +254,12 @@ def loads(text: str, path: Path) -> TunnelFile:
         )
     plaintext = iface.get("plaintext", False)
     key_file = iface.get("key_file")
+    mk_file = iface.get("manual_keys_file")
+    if mk_file is not None and not Path(mk_file).is_absolute():
+        mk_file = str(path.parent / mk_file)
     if plaintext and key_file is not None:
         raise w.error("interface", "key_file", "plaintext = true and key_file exclude each other")
-    if not plaintext and key_file is None:
+    if not plaintext and key_file is None and mk_file is None:
         raise w.error(
             "interface",
             None,
@@ -343,6 +347,8 @@ def loads(text: str, path: Path) -> TunnelFile:
             server=not client,
         ),
         transport=transport,
+        dataplane=dataplane,
+        manual_keys=mk_file,
         addresses=addresses,
         routes=routes,
         keepalive=peers[0].persistent_keepalive if peers else None,

@@ -25,6 +25,10 @@ RESTART_FIELDS = ("server", "ifname", "host", "port", "tap", "key", "cipher", "m
 
 def runner(config):
     """The tunnel loop for the config's transport."""
+    if getattr(config, "dataplane", "userspace") == "kernel":
+        from simpletun import kernel_dp
+
+        return kernel_dp.run
     if config.transport == "tcp":
         return session.run
     from simpletun import datagram

@@ -1,0 +1,67 @@
+"""--dataplane kernel on this machine's kernel (XFRM netlink, no ESP): one clear line, exit 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simpletun import manual_keys
+from simpletun._errors import ConfigError
+from simpletun.config import Config
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="xfrm netlink needs root")
+
+
+def _esp_missing() -> bool:
+    from simpletun import xfrm
+
+    try:
+        xfrm.check_esp()
+    except xfrm.KernelEspMissing:
+        return True
+    return False
+
+
+def _keyfile(tmp_path, transport="esp-in-udp"):
+    p = tmp_path / "mk.toml"
+    p.write_text(manual_keys.generate(transport=transport))
+    p.chmod(0o600)
+    return str(p)
+
+
+def test_kernel_dataplane_needs_manual_keys_and_datagram_transport():
+    with pytest.raises(ConfigError, match="--manual-keys"):
+        Config(server=True, transport="udp", key=bytes(32), dataplane="kernel")
+    with pytest.raises(ConfigError, match="not tcp"):
+        Config(server=True, transport="tcp", manual_keys="x", dataplane="kernel")
+    with pytest.raises(ConfigError, match="userspace or kernel"):
+        Config(server=True, transport="udp", key=bytes(32), dataplane="dpdk")
+
+
+@needs_root
+def test_cli_kernel_without_esp_one_line_exit_2(tmp_path):
+    if not _esp_missing():
+        pytest.skip("this kernel has ESP: the ESP-less path cannot be observed here")
+    mk = _keyfile(tmp_path)
+    cmd = [sys.executable, "-m", "simpletun", "-i", "stk0", "-s", "--listen", "127.0.0.1"]
+    cmd += ["--transport", "udp", "--dataplane", "kernel", "--manual-keys", mk]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "CONFIG_INET_ESP" in lines[0] and "--dataplane userspace" in lines[0]
+    assert "Traceback" not in done.stderr
+    # nothing was left behind
+    links = subprocess.run(["ip", "link", "show", "stk0"], capture_output=True)
+    assert links.returncode != 0
+
+
+@needs_root
+def test_cli_kernel_transport_mismatch_one_line(tmp_path):
+    mk = _keyfile(tmp_path, transport="esp")
+    cmd = [sys.executable, "-m", "simpletun", "-i", "stk0", "-c", "127.0.0.1"]
+    cmd += ["--transport", "udp", "--dataplane", "kernel", "--manual-keys", mk]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "transport" in done.stderr and len(done.stderr.strip().splitlines()) == 1
