@@ -65,3 +65,25 @@ def test_cli_kernel_transport_mismatch_one_line(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "transport" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_configfile_dataplane_kernel(tmp_path):
+    from pathlib import Path
+
+    from simpletun import configfile
+
+    mk = _keyfile(tmp_path)
+    text = f"""
+[interface]
+address = ["10.9.0.2/24"]
+transport = "udp"
+dataplane = "kernel"
+manual_keys_file = "{mk}"
+
+[[peer]]
+endpoint = "127.0.0.1:4500"
+allowed_ips = ["10.9.1.0/24"]
+"""
+    tf = configfile.loads(text, Path(tmp_path / "stk0.toml"))
+    assert tf.config.dataplane == "kernel" and tf.config.manual_keys == mk
+    assert tf.config.key is None
