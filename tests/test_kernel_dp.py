@@ -87,3 +87,29 @@ allowed_ips = ["10.9.1.0/24"]
     tf = configfile.loads(text, Path(tmp_path / "stk0.toml"))
     assert tf.config.dataplane == "kernel" and tf.config.manual_keys == mk
     assert tf.config.key is None
+
+
+def test_status_maps_xfrm_counters_onto_simpletun_names(tmp_path, monkeypatch):
+    from simpletun import kernel_dp, xfrm
+
+    mk = manual_keys.load(_keyfile(tmp_path))
+    c = Config(server=False, host="192.0.2.9", transport="udp", dataplane="kernel", manual_keys="x")
+    t = kernel_dp.KernelTunnel(c, mk, "192.0.2.1", "192.0.2.9")
+
+    def fake_get_sa(dst, spi, src=None):
+        out = spi == t.out_sa.spi
+        return xfrm.SAState(
+            src, dst, spi, 0, 1, 2, 0, 4096,
+            bytes=100 if out else 200, packets=1 if out else 2,
+            replay=0 if out else 3, replay_window_drops=0 if out else 1,
+            integrity_failed=0 if out else 5,
+        )  # fmt: skip
+
+    monkeypatch.setattr(xfrm, "get_sa", fake_get_sa)
+    st = t.status()
+    assert st["dataplane"] == "kernel" and st["transport"] == "udp"
+    peer = st["peers"][0]
+    assert (peer["tx_packets"], peer["tx_bytes"]) == (1, 100)
+    assert (peer["rx_packets"], peer["rx_bytes"]) == (2, 200)
+    assert peer["drops"] == {"replay": 4, "auth": 5}
+    assert [s["spi"] for s in peer["sas"]] == [f"0x{t.out_sa.spi:08x}", f"0x{t.in_sa.spi:08x}"]
