@@ -25,6 +25,7 @@ from simpletun.config import (
     Config,
     check_address,
     check_cipher,
+    check_dataplane,
     check_host,
     check_ifname,
     check_mtu,
@@ -68,6 +69,9 @@ Usage:
   --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
   --key-exchange K psk (default: simpletun's own handshake) or ikev2 (RFC 7296 on UDP 500/4500,
                    ESP-in-UDP; --key is the IKE pre-shared key; a server needs --listen)
+  --dataplane DP   userspace (default) or kernel: ESP in the Linux kernel (xfrm, an xfrm
+                   interface carries the routes; udp/raw only, needs --manual-keys)
+  --manual-keys F  manual key file (SPIs + keys per direction; same file on both ends)
   --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
@@ -127,6 +131,8 @@ _METAVARS = {
     "--listen": "ADDR",
     "--transport": "T",
     "--key-exchange": "K",
+    "--dataplane": "DP",
+    "--manual-keys": "FILE",
 }
 
 
@@ -160,6 +166,7 @@ _route = _checked(check_route)
 _ifname = _checked(check_ifname)
 _host = _checked(check_host)
 _transport = _checked(check_transport)
+_dataplane = _checked(check_dataplane)
 
 
 def _parser() -> _Parser:
@@ -181,6 +188,8 @@ def _parser() -> _Parser:
     p.add_argument("--listen", dest="listen", type=_host)
     p.add_argument("--transport", type=_transport, default="tcp")
     p.add_argument("--key-exchange", dest="key_exchange", default="psk")
+    p.add_argument("--dataplane", type=_dataplane, default="userspace")
+    p.add_argument("--manual-keys", dest="manual_keys")
     return p
 
 
@@ -208,9 +217,9 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         raise UsageError("--cipher does not apply to --plaintext (it sends packets unencrypted)")
     key = None
     if not ns.plaintext:
-        if ns.key is None:
+        if ns.key is None and ns.manual_keys is None:
             raise UsageError(NO_KEY_HINT)
-        key = keys.load_key(ns.key)  # ConfigError: one line
+        key = keys.load_key(ns.key) if ns.key is not None else None  # ConfigError: one line
     ike = None
     if ns.key_exchange not in ("psk", "ikev2"):
         raise UsageError(f"--key-exchange must be psk or ikev2, got {ns.key_exchange!r}")
@@ -219,6 +228,11 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
 
         if key is None:
             raise UsageError("--key-exchange ikev2 needs --key FILE (the IKE pre-shared key)")
+        if ns.dataplane != "userspace" or ns.manual_keys is not None:
+            raise UsageError(
+                "--key-exchange ikev2 keys the userspace data plane in this version: "
+                "drop --dataplane kernel and --manual-keys"
+            )
         if ns.port is not None or ns.transport != "tcp" or ns.cipher is not None:
             raise UsageError(
                 "--key-exchange ikev2 runs on UDP 500/4500 with negotiated ciphers: "
@@ -252,6 +266,8 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         addresses=tuple(ns.addrs),
         routes=tuple(ns.routes),
         transport=ns.transport,
+        dataplane=ns.dataplane,
+        manual_keys=ns.manual_keys,
     ), ns.debug
 
 
@@ -454,6 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0
     config, debug = parsed
+    if config.dataplane == "kernel":  # a kernel without ESP: one line, exit 2
+        from simpletun import kernel_dp
+
+        try:
+            kernel_dp.preflight(config)
+        except ConfigError as e:
+            return _error(str(e), 2)
     limiter = _setup_logging(debug)
     from functools import partial
 

@@ -88,6 +88,15 @@ def check_transport(name: str) -> str:
     return name
 
 
+DATAPLANES = ("userspace", "kernel")
+
+
+def check_dataplane(name: str) -> str:
+    if name not in DATAPLANES:
+        raise ConfigError(f"dataplane must be userspace or kernel, got {name!r}")
+    return name
+
+
 def default_mtu(transport: str, host: str | None, *, tap: bool, server: bool) -> int:
     """The device MTU when none is given: 1500 over TCP (a stream carries packets of any size,
     nothing fragments); over UDP and raw ESP, the outer path's MTU (the device the route to the
@@ -170,11 +179,21 @@ class Config:
     device_check_interval: float = 0.5
     transport: str = "tcp"  # "tcp" (simpletun.session), "udp" or "raw" (simpletun.datagram)
     ike: object | None = field(default=None, repr=False)  # ikesession.IkeSetup: IKEv2 keying
+    dataplane: str = "userspace"  # or "kernel" (simpletun.kernel_dp: xfrm, manual keys)
+    manual_keys: str | None = None  # manual key file (SPIs + keys per direction)
 
     def __post_init__(self) -> None:
         check_ifname(self.ifname)
         check_transport(self.transport)
-        if self.transport != "tcp" and self.key is None and self.ike is None:
+        check_dataplane(self.dataplane)
+        if self.dataplane == "kernel" and self.transport == "tcp":
+            raise ConfigError("--dataplane kernel is for --transport udp or raw (ESP), not tcp")
+        if self.dataplane == "kernel" and not self.manual_keys:
+            raise ConfigError(
+                "--dataplane kernel needs --manual-keys FILE (the same file on both ends)"
+            )
+        keyed = self.key is not None or self.manual_keys is not None or self.ike is not None
+        if self.transport != "tcp" and not keyed:
             raise ConfigError(
                 f"--transport {self.transport} needs --key: plaintext (simpletun.c) is TCP only"
             )

@@ -13,7 +13,7 @@
     cipher = "aes-128-cbc"
     mtu = 1400                       # optional
     transport = "tcp"                # or "udp" (ESP-in-UDP, port 4500) or "raw" (ESP)
-    dataplane = "userspace"          # the only one until kernel ESP lands
+    dataplane = "userspace"          # or "kernel" (xfrm; udp/raw, needs manual_keys_file)
     post_up = ["iptables -A FORWARD -i %i -j ACCEPT"]    # run by /bin/sh; %i = the device
     pre_down = ["iptables -D FORWARD -i %i -j ACCEPT"]
 
@@ -39,6 +39,7 @@ from simpletun import keys
 from simpletun._core import ESP_IN_UDP_PORT
 from simpletun._errors import ConfigError
 from simpletun.config import (
+    DATAPLANES,
     DEFAULT_PORT,
     Config,
     check_address,
@@ -62,6 +63,7 @@ INTERFACE_KEYS = {
     "listen_port": int,
     "listen_address": str,
     "key_file": str,
+    "manual_keys_file": str,
     "plaintext": bool,
     "cipher": str,
     "mtu": int,
@@ -95,7 +97,6 @@ IKE_ONLY_PEER_KEYS = (
 )  # fmt: skip
 KEY_EXCHANGES = ("psk", "ikev2")
 TRANSPORTS = ("tcp", "udp", "raw")
-DATAPLANES = ("userspace",)
 
 
 class ConfigFileError(ConfigError):
@@ -284,9 +285,12 @@ def loads(text: str, path: Path) -> TunnelFile:
         )
     plaintext = iface.get("plaintext", False)
     key_file = iface.get("key_file")
+    mk_file = iface.get("manual_keys_file")
+    if mk_file is not None and not Path(mk_file).is_absolute():
+        mk_file = str(path.parent / mk_file)
     if plaintext and key_file is not None:
         raise w.error("interface", "key_file", "plaintext = true and key_file exclude each other")
-    if not plaintext and key_file is None:
+    if not plaintext and key_file is None and mk_file is None:
         raise w.error(
             "interface",
             None,
@@ -374,6 +378,8 @@ def loads(text: str, path: Path) -> TunnelFile:
             server=not client,
         ),
         transport=transport,
+        dataplane=dataplane,
+        manual_keys=mk_file,
         addresses=addresses,
         routes=routes,
         keepalive=peers[0].persistent_keepalive if peers else None,
@@ -402,8 +408,12 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
     transport = iface.get("transport", "udp")
     if transport != "udp":
         raise w.error("interface", "transport", 'IKEv2 tunnels use "udp" (ESP-in-UDP, 4500)')
-    if iface.get("dataplane", "userspace") not in DATAPLANES:
-        raise w.error("interface", "dataplane", f"only {', '.join(DATAPLANES)} in this version")
+    if iface.get("dataplane", "userspace") != "userspace":
+        raise w.error(
+            "interface", "dataplane",
+            'IKEv2 keys the "userspace" data plane in this version (the kernel data plane '
+            "takes manual keys: manual_keys_file without key_exchange)",
+        )  # fmt: skip
     name = check("name", check_ifname, iface.get("name", path.stem))
     mode = iface.get("mode", "tun")
     if mode not in ("tun", "tap"):

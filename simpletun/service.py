@@ -25,6 +25,10 @@ RESTART_FIELDS = ("server", "ifname", "host", "port", "tap", "key", "cipher", "m
 
 def runner(config):
     """The tunnel loop for the config's transport."""
+    if getattr(config, "dataplane", "userspace") == "kernel":
+        from simpletun import kernel_dp
+
+        return kernel_dp.run
     if getattr(config, "ike", None) is not None:
         from simpletun import ikesession
 
