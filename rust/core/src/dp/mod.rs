@@ -21,6 +21,7 @@
 pub mod counters;
 pub mod device;
 pub mod fake;
+pub mod gso;
 pub mod rawesp;
 pub mod route;
 pub mod stream;
