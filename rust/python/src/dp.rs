@@ -109,10 +109,16 @@ impl PyDataPlane {
     }
 
     /// Add a stream transport (2-byte length-prefixed frames on TCP connections); returns
-    /// its id. Connections are added with add_tcp_connection.
-    #[pyo3(signature = (max_frame=65535))]
-    fn add_tcp(&self, max_frame: usize) -> PyResult<usize> {
-        let t = Arc::new(StreamTransport::new(max_frame).map_err(start_error)?);
+    /// its id. Connections are added with add_tcp_connection. `plaintext`: frames carry raw
+    /// packets (simpletun.c's --plaintext), no ESP; its peers need no SA.
+    #[pyo3(signature = (max_frame=65535, *, plaintext=false))]
+    fn add_tcp(&self, max_frame: usize, plaintext: bool) -> PyResult<usize> {
+        let t = if plaintext {
+            StreamTransport::plaintext(max_frame)
+        } else {
+            StreamTransport::new(max_frame)
+        };
+        let t = Arc::new(t.map_err(start_error)?);
         let id = self.dp.add_transport(t.clone()).map_err(start_error)?;
         self.lock_streams().insert(id, t);
         Ok(id)
@@ -135,16 +141,6 @@ impl PyDataPlane {
     fn remove_tcp_connection(&self, transport: usize, endpoint: (String, u16)) -> PyResult<bool> {
         let ep = self::endpoint(endpoint)?;
         Ok(self.stream(transport)?.remove_connection(ep))
-    }
-
-    /// Endpoints of the stream connections that ended since the last call.
-    fn tcp_closed(&self, transport: usize) -> PyResult<Vec<(String, u16)>> {
-        Ok(self
-            .stream(transport)?
-            .take_closed()
-            .into_iter()
-            .map(py_endpoint)
-            .collect())
     }
 
     /// Add a peer on `transport` allowed `allowed` inner prefixes ("10.0.0.0/24", "fd00::/64").
@@ -267,6 +263,19 @@ impl PyDataPlane {
                         transport.into_pyobject(py)?.into_any(),
                         py_endpoint(from).into_pyobject(py)?.into_any(),
                         PyBytes::new(py, &payload).into_any(),
+                    ],
+                )?,
+                Event::Closed {
+                    transport,
+                    endpoint,
+                    reason,
+                } => PyTuple::new(
+                    py,
+                    [
+                        "closed".into_pyobject(py)?.into_any(),
+                        transport.into_pyobject(py)?.into_any(),
+                        py_endpoint(endpoint).into_pyobject(py)?.into_any(),
+                        reason.into_pyobject(py)?.into_any(),
                     ],
                 )?,
                 Event::NoSa { peer } => PyTuple::new(
