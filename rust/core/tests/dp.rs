@@ -760,7 +760,7 @@ fn stream_transport_skips_oversized_frames_and_counts_them() {
     eventually("control after the oversized frame", || {
         get(dp.totals(), "control_rx") == 1
     });
-    assert_eq!(get(dp.totals(), "drop_truncated"), 1);
+    assert_eq!(get(dp.totals(), "drop_oversize"), 1);
     assert_eq!(
         dp.take_events(4),
         vec![Event::Control {

@@ -110,15 +110,20 @@ impl PyDataPlane {
 
     /// Add a stream transport (2-byte length-prefixed frames on TCP connections); returns
     /// its id. Connections are added with add_tcp_connection. `plaintext`: frames carry raw
-    /// packets (simpletun.c's --plaintext), no ESP; its peers need no SA.
-    #[pyo3(signature = (max_frame=65535, *, plaintext=false))]
-    fn add_tcp(&self, max_frame: usize, plaintext: bool) -> PyResult<usize> {
+    /// packets (simpletun.c's --plaintext), no ESP; its peers need no SA. `control` false:
+    /// control frames are dropped (`drop_control`), for connections handshaken beforehand.
+    #[pyo3(signature = (max_frame=65535, *, plaintext=false, control=true))]
+    fn add_tcp(&self, max_frame: usize, plaintext: bool, control: bool) -> PyResult<usize> {
         let t = if plaintext {
             StreamTransport::plaintext(max_frame)
         } else {
             StreamTransport::new(max_frame)
         };
-        let t = Arc::new(t.map_err(start_error)?);
+        let mut t = t.map_err(start_error)?;
+        if !control {
+            t = t.without_control();
+        }
+        let t = Arc::new(t);
         let id = self.dp.add_transport(t.clone()).map_err(start_error)?;
         self.lock_streams().insert(id, t);
         Ok(id)
@@ -353,8 +358,17 @@ impl PyDataPlane {
         Ok(out)
     }
 
+    /// Stop the threads and release transports, peers and SAs; the stream connections'
+    /// sockets are closed now (not when this object is collected).
     fn stop(&self, py: Python<'_>) {
         py.detach(|| self.dp.stop());
+        let streams: Vec<Arc<StreamTransport>> =
+            self.lock_streams().drain().map(|(_, t)| t).collect();
+        for t in streams {
+            for ep in t.connections() {
+                t.remove_connection(ep);
+            }
+        }
     }
 
     #[getter]

@@ -311,11 +311,7 @@ impl DataPlane {
     #[doc(hidden)]
     pub fn receive(&self, transport: usize, from: SocketAddr, data: &mut [u8]) {
         let t = self.inner.read();
-        let Some(udp) = t
-            .transports
-            .get(transport)
-            .map(|tr| tr.kind().carries_control())
-        else {
+        let Some(udp) = t.transports.get(transport).map(|tr| tr.carries_control()) else {
             return;
         };
         receive_one(
@@ -515,7 +511,7 @@ impl DataPlane {
             return err("a control message starts with the 4-byte non-ESP marker and a type byte, at most 65535 bytes");
         }
         let t = self.transport(transport)?;
-        if !t.kind().carries_control() {
+        if !t.carries_control() {
             return err(
                 "control messages travel on UDP and stream transports only (raw ESP carries ESP alone)",
             );
@@ -658,10 +654,17 @@ fn device_loop(inner: &Inner) -> String {
             return "stopped".into();
         }
         // Backpressure: while a transport cannot take more, read no more packets.
-        let congested = {
+        let (congested, no_peers) = {
             let t = inner.read();
-            t.transports.iter().find(|tr| tr.congested()).cloned()
+            let c = t.transports.iter().find(|tr| tr.congested()).cloned();
+            (c, t.peers.is_empty())
         };
+        if no_peers {
+            // Packets wait in the device until the first peer is configured (a data plane
+            // is started before its peers; what the device holds then is for them).
+            sys::poll_readable([inner.stop_fd.as_raw_fd()], TICK_MS);
+            continue;
+        }
         if let Some(tr) = congested {
             tr.wait_room(inner.stop_fd.as_raw_fd(), TICK_MS);
             continue;
@@ -792,7 +795,7 @@ fn device_loop(inner: &Inner) -> String {
 
 /// One transport → device.
 fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
-    let udp = tr.kind().carries_control();
+    let udp = tr.carries_control();
     let mut bufs = bufs();
     let mut got: Vec<Datagram> = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();
@@ -854,7 +857,16 @@ fn receive_one(
     let kind = dev.kind();
     add(&inner.totals.wire_rx_bytes, d.len() as u64);
     if truncated {
-        inner.totals.drop(Drop::Truncated);
+        // A stream frame above max_frame (skipped by the parser), or a datagram cut short.
+        let stream = t
+            .transports
+            .get(id)
+            .is_some_and(|tr| tr.kind() == TransportKind::Stream);
+        inner.totals.drop(if stream {
+            DropReason::Oversize.into()
+        } else {
+            Drop::Truncated
+        });
         return;
     }
     if t.transports.get(id).is_some_and(|tr| tr.plaintext()) {

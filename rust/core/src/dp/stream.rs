@@ -70,6 +70,7 @@ pub struct StreamTransport {
     conns: Mutex<Conns>,
     max_frame: usize,
     plaintext: bool,
+    control: bool,
     /// Some connection may hold more than TX_LIMIT unsent bytes.
     full: AtomicBool,
 }
@@ -98,6 +99,13 @@ impl StreamTransport {
         StreamTransport::with_mode(max_frame, true)
     }
 
+    /// Refuse control messages and keepalives (counted `drop_control`, `drop_bad_length`):
+    /// for a connection whose handshake was done before it was handed over.
+    pub fn without_control(mut self) -> StreamTransport {
+        self.control = false;
+        self
+    }
+
     fn with_mode(max_frame: usize, plaintext: bool) -> io::Result<StreamTransport> {
         // SAFETY: plain system call; the descriptor is owned by the OwnedFd.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -120,6 +128,7 @@ impl StreamTransport {
             conns: Mutex::new(Conns::default()),
             max_frame: max_frame.min(MAX_FRAME),
             plaintext,
+            control: !plaintext,
             full: AtomicBool::new(false),
         })
     }
@@ -426,6 +435,9 @@ impl Transport for StreamTransport {
     }
     fn plaintext(&self) -> bool {
         self.plaintext
+    }
+    fn carries_control(&self) -> bool {
+        self.control
     }
     fn congested(&self) -> bool {
         self.full.load(Ordering::Acquire)

@@ -45,6 +45,11 @@ pub trait Transport: Send + Sync + 'static {
     fn recv_batch(&self, bufs: &mut [Vec<u8>], out: &mut Vec<Datagram>) -> io::Result<()>;
     /// Send datagrams without blocking for long; returns how many were sent.
     fn send_batch(&self, pkts: &[(&[u8], SocketAddr)]) -> usize;
+    /// Whether control messages and keepalives are accepted from it (its kind's default; a
+    /// stream transport whose handshake is done before the data plane starts refuses them).
+    fn carries_control(&self) -> bool {
+        self.kind().carries_control()
+    }
     /// Datagrams are raw inner packets, not ESP (the stream transport's plaintext mode).
     fn plaintext(&self) -> bool {
         false
