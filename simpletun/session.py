@@ -1,10 +1,12 @@
-"""Session supervision with trio: the server and client loops around the Rust pump, and the
-device kept in place while the tunnel is configured.
+"""Session supervision with trio: the server and client loops around the Rust data plane, and
+the device kept in place while the tunnel is configured.
 
 Each TCP connection is one session: (in ESP mode) a handshake in Python, then a
-``simpletun._core.Pump`` moves packets between the device and the socket until the peer leaves,
-an error ends it, it is replaced, or we are cancelled. The pump is always stopped before its
-socket is closed, and only one pump at a time uses the device.
+``simpletun._core.DataPlane`` with one stream transport carrying that connection and one peer
+allowing everything (its SAs from the handshake; plaintext mode: no SA, raw frames) moves packets
+between the device and the socket until the peer leaves (a ``closed`` event with the reason), an
+error ends it, it is replaced, or we are cancelled. The data plane is always stopped before its
+socket is closed, and only one data plane at a time uses the device.
 
 Fail closed: nothing that arrives unauthenticated ends a tunnel end (a rejected handshake is
 logged and retried with backoff), and while the tunnel runs its device, addresses and routes
@@ -55,8 +57,77 @@ FLAP_WINDOW = 10.0
 STABLE_SESSION = 10.0
 
 
+# The data plane's counters a TCP session reports (names kept from the former single-peer pump).
+_TRAFFIC = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "wire_tx_bytes", "wire_rx_bytes")
+
+
+class TcpPlane:
+    """One TCP session's data plane: the device, one stream connection, one peer."""
+
+    def __init__(
+        self, device, sock: socket.socket, config: Config, result: HandshakeResult | None
+    ) -> None:
+        from simpletun._core import DataPlane
+
+        self.reason: str | None = None
+        self.dp = DataPlane(device.fd, tap=config.tap)
+        try:
+            t = self.dp.add_tcp(config.max_frame, plaintext=result is None, control=False)
+            try:
+                ep = tuple(sock.getpeername()[:2])
+            except OSError:
+                ep = ("0.0.0.0", 0)  # already gone: the close is reported at once
+            self.dp.add_tcp_connection(t, sock.fileno(), ep)
+            peer = self.dp.add_peer(t, ["0.0.0.0/0", "::/0"] if not config.tap else [], ep)
+            if result is not None:
+                self.dp.add_inbound_sa(peer, *result.rx.as_tuple())
+                self.dp.set_outbound_sa(peer, *result.tx.as_tuple())
+        except BaseException:
+            self.dp.stop()
+            raise
+
+    async def wait_ended(self) -> None:
+        """Return once the connection closed (``reason``) or the data plane ended."""
+        while True:
+            for e in self.dp.take_events():
+                if e[0] == "closed":
+                    self.reason = e[3]
+                    return
+                if e[0] == "no_sa":  # the only SA ran out of sequence numbers
+                    self.reason = "sequence numbers exhausted; a new session is needed"
+                    return
+            if not self.dp.running:
+                return
+            async with trio.open_nursery() as n:
+
+                async def wake(fd: int) -> None:
+                    await trio.lowlevel.wait_readable(fd)
+                    n.cancel_scope.cancel()
+
+                n.start_soon(wake, self.dp.events_fd)
+                n.start_soon(wake, self.dp.done_fd)
+
+    def stop(self) -> None:
+        self.dp.stop()
+
+    @property
+    def running(self) -> bool:
+        return self.dp.running
+
+    @property
+    def exit_reason(self) -> str | None:
+        return self.reason or self.dp.exit_reason
+
+    @property
+    def stats(self) -> dict:
+        s = self.dp.stats
+        out = {k: s[k] for k in _TRAFFIC}
+        out.update((k, v) for k, v in s.items() if k.startswith("drop_"))
+        return out
+
+
 class Session:
-    """One TCP connection's tunnel session; ``stats`` are the pump's live counters."""
+    """One TCP connection's tunnel session; ``stats`` are the data plane's live counters."""
 
     def __init__(self, peer: str, result: HandshakeResult | None) -> None:
         self.peer = peer
@@ -157,7 +228,7 @@ class Tunnel:
                     self.sessions += 1
                     self._up.set()
                 log.info("session with %s up (%s)", peer, sess.describe())
-                await trio.lowlevel.wait_readable(sess.pump.done_fd)
+                await sess.pump.wait_ended()
         finally:
             with trio.CancelScope(shield=True):
                 await self._end_session(sess, stream)
@@ -177,19 +248,8 @@ class Tunnel:
                 new_peer,
             )
 
-    def _start_pump(self, stream: trio.SocketStream, result: HandshakeResult | None):
-        from simpletun._core import Pump
-
-        kwargs = {}
-        if result is not None:
-            kwargs = {"tx": result.tx.as_tuple(), "rx": result.rx.as_tuple()}
-        return Pump(
-            self.device.fd,
-            stream.socket.fileno(),
-            tap=self.config.tap,
-            max_frame=self.config.max_frame,
-            **kwargs,
-        )
+    def _start_pump(self, stream: trio.SocketStream, result: HandshakeResult | None) -> TcpPlane:
+        return TcpPlane(self.device, stream.socket, self.config, result)
 
     async def _end_session(self, sess: Session, stream: trio.SocketStream) -> None:
         pump = sess.pump

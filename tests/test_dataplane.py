@@ -173,12 +173,18 @@ def test_tcp_stream_transport():
         assert recv(app_b) == pkt
     assert b.peer_stats(pb)["rx_packets"] == 100
     with pytest.raises(ConfigError, match="not a stream"):
-        a.tcp_closed(99)
+        a.remove_tcp_connection(99, c.getsockname()[:2])
     c_addr = c.getsockname()[:2]
     c.close()
     assert a.remove_tcp_connection(ta, s.getsockname()[:2])
     closed: list = []
-    wait_for(lambda: closed.extend(b.tcp_closed(tb)) or closed == [c_addr], "b sees the close")
+    wait_for(
+        lambda: (
+            closed.extend(e for e in b.take_events() if e[0] == "closed")
+            or closed == [("closed", tb, c_addr, "peer closed the connection")]
+        ),
+        "b sees the close, with its reason",
+    )
     for app, dp, _ in ends:
         dp.stop()
         app.close()

@@ -109,10 +109,21 @@ impl PyDataPlane {
     }
 
     /// Add a stream transport (2-byte length-prefixed frames on TCP connections); returns
-    /// its id. Connections are added with add_tcp_connection.
-    #[pyo3(signature = (max_frame=65535))]
-    fn add_tcp(&self, max_frame: usize) -> PyResult<usize> {
-        let t = Arc::new(StreamTransport::new(max_frame).map_err(start_error)?);
+    /// its id. Connections are added with add_tcp_connection. `plaintext`: frames carry raw
+    /// packets (simpletun.c's --plaintext), no ESP; its peers need no SA. `control` false:
+    /// control frames are dropped (`drop_control`), for connections handshaken beforehand.
+    #[pyo3(signature = (max_frame=65535, *, plaintext=false, control=true))]
+    fn add_tcp(&self, max_frame: usize, plaintext: bool, control: bool) -> PyResult<usize> {
+        let t = if plaintext {
+            StreamTransport::plaintext(max_frame)
+        } else {
+            StreamTransport::new(max_frame)
+        };
+        let mut t = t.map_err(start_error)?;
+        if !control {
+            t = t.without_control();
+        }
+        let t = Arc::new(t);
         let id = self.dp.add_transport(t.clone()).map_err(start_error)?;
         self.lock_streams().insert(id, t);
         Ok(id)
@@ -135,16 +146,6 @@ impl PyDataPlane {
     fn remove_tcp_connection(&self, transport: usize, endpoint: (String, u16)) -> PyResult<bool> {
         let ep = self::endpoint(endpoint)?;
         Ok(self.stream(transport)?.remove_connection(ep))
-    }
-
-    /// Endpoints of the stream connections that ended since the last call.
-    fn tcp_closed(&self, transport: usize) -> PyResult<Vec<(String, u16)>> {
-        Ok(self
-            .stream(transport)?
-            .take_closed()
-            .into_iter()
-            .map(py_endpoint)
-            .collect())
     }
 
     /// Add a peer on `transport` allowed `allowed` inner prefixes ("10.0.0.0/24", "fd00::/64").
@@ -269,6 +270,19 @@ impl PyDataPlane {
                         PyBytes::new(py, &payload).into_any(),
                     ],
                 )?,
+                Event::Closed {
+                    transport,
+                    endpoint,
+                    reason,
+                } => PyTuple::new(
+                    py,
+                    [
+                        "closed".into_pyobject(py)?.into_any(),
+                        transport.into_pyobject(py)?.into_any(),
+                        py_endpoint(endpoint).into_pyobject(py)?.into_any(),
+                        reason.into_pyobject(py)?.into_any(),
+                    ],
+                )?,
                 Event::NoSa { peer } => PyTuple::new(
                     py,
                     [
@@ -344,8 +358,17 @@ impl PyDataPlane {
         Ok(out)
     }
 
+    /// Stop the threads and release transports, peers and SAs; the stream connections'
+    /// sockets are closed now (not when this object is collected).
     fn stop(&self, py: Python<'_>) {
         py.detach(|| self.dp.stop());
+        let streams: Vec<Arc<StreamTransport>> =
+            self.lock_streams().drain().map(|(_, t)| t).collect();
+        for t in streams {
+            for ep in t.connections() {
+                t.remove_connection(ep);
+            }
+        }
     }
 
     #[getter]

@@ -24,12 +24,14 @@ pub enum Drop {
     Truncated,
     /// Sending on the transport failed (buffer full, unreachable, ...).
     SendFailed,
+    /// Inbound plaintext frame from a connection no peer uses.
+    NoPeer,
 }
 
-pub const DROP_KINDS: usize = DropReason::ALL.len() + 7;
+pub const DROP_KINDS: usize = DropReason::ALL.len() + 8;
 
 impl Drop {
-    pub const EXTRA: [Drop; 7] = [
+    pub const EXTRA: [Drop; 8] = [
         Drop::NoRoute,
         Drop::NoSa,
         Drop::NoEndpoint,
@@ -37,6 +39,7 @@ impl Drop {
         Drop::ControlOverflow,
         Drop::Truncated,
         Drop::SendFailed,
+        Drop::NoPeer,
     ];
 
     pub fn all() -> impl Iterator<Item = Drop> {
@@ -56,6 +59,7 @@ impl Drop {
             Drop::ControlOverflow => "control_overflow",
             Drop::Truncated => "truncated",
             Drop::SendFailed => "send_failed",
+            Drop::NoPeer => "no_peer",
         }
     }
 

@@ -79,6 +79,12 @@ pub enum Event {
     /// An outbound packet for `peer` was dropped because it has no outbound SA (reported once
     /// until one is installed).
     NoSa { peer: u32 },
+    /// A stream connection ended (peer closed or reset it, socket error), with why.
+    Closed {
+        transport: usize,
+        endpoint: SocketAddr,
+        reason: String,
+    },
     /// The outbound SA `spi` of `peer` passed the soft sequence-number or byte limit (once).
     SaLimit {
         peer: u32,
@@ -306,11 +312,7 @@ impl DataPlane {
     #[doc(hidden)]
     pub fn receive(&self, transport: usize, from: SocketAddr, data: &mut [u8]) {
         let t = self.inner.read();
-        let Some(udp) = t
-            .transports
-            .get(transport)
-            .map(|tr| tr.kind().carries_control())
-        else {
+        let Some(udp) = t.transports.get(transport).map(|tr| tr.carries_control()) else {
             return;
         };
         receive_one(
@@ -510,7 +512,7 @@ impl DataPlane {
             return err("a control message starts with the 4-byte non-ESP marker and a type byte, at most 65535 bytes");
         }
         let t = self.transport(transport)?;
-        if !t.kind().carries_control() {
+        if !t.carries_control() {
             return err(
                 "control messages travel on UDP and stream transports only (raw ESP carries ESP alone)",
             );
@@ -644,12 +646,29 @@ fn device_loop(inner: &Inner) -> String {
     let dev = inner.device.clone();
     let kind = dev.kind();
     let mut bufs = bufs();
-    // (buffer, esp length, inner length, transport, endpoint) of the packets of a batch.
-    let mut out: Vec<(usize, usize, usize, usize, SocketAddr)> = Vec::with_capacity(BATCH);
+    // (buffer, start, wire length, inner length, transport, endpoint) of a batch's packets.
+    type Out = (usize, usize, usize, usize, usize, SocketAddr);
+    let mut out: Vec<Out> = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();
     loop {
         if inner.stopping.load(Ordering::Relaxed) {
             return "stopped".into();
+        }
+        // Backpressure: while a transport cannot take more, read no more packets.
+        let (congested, no_peers) = {
+            let t = inner.read();
+            let c = t.transports.iter().find(|tr| tr.congested()).cloned();
+            (c, t.peers.is_empty())
+        };
+        if no_peers {
+            // Packets wait in the device until the first peer is configured (a data plane
+            // is started before its peers; what the device holds then is for them).
+            sys::poll_readable([inner.stop_fd.as_raw_fd()], TICK_MS);
+            continue;
+        }
+        if let Some(tr) = congested {
+            tr.wait_room(inner.stop_fd.as_raw_fd(), TICK_MS);
+            continue;
         }
         let [ready, _] = sys::poll_readable([dev.poll_fd(), inner.stop_fd.as_raw_fd()], TICK_MS);
         if !ready {
@@ -691,6 +710,16 @@ fn device_loop(inner: &Inner) -> String {
                 inner.drop_pkt(Some(&peer), Drop::NoEndpoint);
                 continue;
             };
+            if t.transports
+                .get(peer.transport)
+                .is_some_and(|tr| tr.plaintext())
+            {
+                add(&peer.traffic.tx_packets, 1);
+                add(&peer.traffic.tx_bytes, n as u64);
+                add(&peer.traffic.wire_tx_bytes, n as u64);
+                out.push((i, HEADROOM, n, n, peer.transport, ep));
+                continue;
+            }
             let mut o = lock(&peer.out);
             let Some(osa) = o.as_mut() else {
                 drop(o);
@@ -719,7 +748,7 @@ fn device_loop(inner: &Inner) -> String {
                     add(&peer.traffic.tx_packets, 1);
                     add(&peer.traffic.tx_bytes, n as u64);
                     add(&peer.traffic.wire_tx_bytes, len as u64);
-                    out.push((i, len, n, peer.transport, ep));
+                    out.push((i, 0, len, n, peer.transport, ep));
                 }
                 Err(_) => {
                     drop(o);
@@ -734,11 +763,12 @@ fn device_loop(inner: &Inner) -> String {
         let mut done = 0;
         let mut tid = 0;
         while done < out.len() {
-            let mine: Vec<&(usize, usize, usize, usize, SocketAddr)> =
-                out.iter().filter(|o| o.3 == tid).collect();
+            let mine: Vec<&Out> = out.iter().filter(|o| o.4 == tid).collect();
             if !mine.is_empty() {
-                let pkts: Vec<(&[u8], SocketAddr)> =
-                    mine.iter().map(|o| (&bufs[o.0][..o.1], o.4)).collect();
+                let pkts: Vec<(&[u8], SocketAddr)> = mine
+                    .iter()
+                    .map(|o| (&bufs[o.0][o.1..o.1 + o.2], o.5))
+                    .collect();
                 let sent = t.transports.get(tid).map_or(0, |tr| tr.send_batch(&pkts));
                 for _ in sent..pkts.len() {
                     inner.totals.drop(Drop::SendFailed);
@@ -746,11 +776,11 @@ fn device_loop(inner: &Inner) -> String {
                 add(&inner.totals.tx_packets, sent as u64);
                 add(
                     &inner.totals.tx_bytes,
-                    mine[..sent].iter().map(|o| o.2 as u64).sum(),
+                    mine[..sent].iter().map(|o| o.3 as u64).sum(),
                 );
                 add(
                     &inner.totals.wire_tx_bytes,
-                    mine[..sent].iter().map(|o| o.1 as u64).sum(),
+                    mine[..sent].iter().map(|o| o.2 as u64).sum(),
                 );
                 done += mine.len();
             }
@@ -766,7 +796,7 @@ fn device_loop(inner: &Inner) -> String {
 
 /// One transport → device.
 fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
-    let udp = tr.kind().carries_control();
+    let udp = tr.carries_control();
     let mut bufs = bufs();
     let mut got: Vec<Datagram> = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();
@@ -789,6 +819,13 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
                 continue;
             }
             return format!("transport {id} error: {e}");
+        }
+        for (endpoint, reason) in tr.take_closed() {
+            inner.event(Event::Closed {
+                transport: id,
+                endpoint,
+                reason,
+            });
         }
         let t = inner.read();
         let now = (now_ms(), Instant::now());
@@ -821,7 +858,20 @@ fn receive_one(
     let kind = dev.kind();
     add(&inner.totals.wire_rx_bytes, d.len() as u64);
     if truncated {
-        inner.totals.drop(Drop::Truncated);
+        // A stream frame above max_frame (skipped by the parser), or a datagram cut short.
+        let stream = t
+            .transports
+            .get(id)
+            .is_some_and(|tr| tr.kind() == TransportKind::Stream);
+        inner.totals.drop(if stream {
+            DropReason::Oversize.into()
+        } else {
+            Drop::Truncated
+        });
+        return;
+    }
+    if t.transports.get(id).is_some_and(|tr| tr.plaintext()) {
+        receive_plaintext(inner, t, id, d, from, now.0);
         return;
     }
     if udp && d.len() == 1 && d[0] == NAT_KEEPALIVE {
@@ -907,6 +957,48 @@ fn receive_one(
             return;
         }
     }
+    if dev.send(pkt).is_err() {
+        inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
+        return;
+    }
+    add(&peer.traffic.rx_packets, 1);
+    add(&peer.traffic.rx_bytes, pkt.len() as u64);
+    add(&inner.totals.rx_packets, 1);
+    add(&inner.totals.rx_bytes, pkt.len() as u64);
+}
+
+/// A raw inner packet from a plaintext stream connection: its peer is the one whose endpoint
+/// the connection is (no authentication: plaintext mode is simpletun.c's, chosen by the user).
+fn receive_plaintext(inner: &Inner, t: &Tables, id: usize, pkt: &[u8], from: SocketAddr, now: u64) {
+    let dev = &inner.device;
+    let Some(peer) = t
+        .peers
+        .values()
+        .find(|p| p.transport == id && *lock(&p.endpoint) == Some(from))
+    else {
+        inner.totals.drop(Drop::NoPeer);
+        return;
+    };
+    if pkt.is_empty() {
+        inner.drop_pkt(Some(peer), DropReason::BadLength.into());
+        return;
+    }
+    if dev.kind() == Kind::Tun {
+        let src = match (inner_addrs(pkt), infer_next_header(pkt)) {
+            (Some((src, _)), Some(_)) => src,
+            _ => {
+                inner.drop_pkt(Some(peer), DropReason::BadInner.into());
+                return;
+            }
+        };
+        if !peer.allowed.iter().any(|p| p.contains(src)) {
+            inner.drop_pkt(Some(peer), Drop::Spoofed);
+            return;
+        }
+    }
+    peer.traffic.last_rx_ms.store(now, Ordering::Relaxed);
+    inner.totals.last_rx_ms.store(now, Ordering::Relaxed);
+    add(&peer.traffic.wire_rx_bytes, pkt.len() as u64);
     if dev.send(pkt).is_err() {
         inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
         return;

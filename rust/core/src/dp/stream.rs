@@ -3,13 +3,22 @@
 //! one epoll descriptor. A connection's endpoint is the address it was added with (normally
 //! its peer address), so data-plane peers address connections like datagram endpoints.
 //!
-//! Not yet backpressured: a connection with more than [`TX_LIMIT`] bytes unsent refuses new
-//! packets (counted `send_failed` by the data plane).
+//! Backpressure: once a connection holds more than [`TX_LIMIT`] unsent bytes the transport is
+//! [`congested`](Transport::congested) and the device thread waits in
+//! [`wait_room`](Transport::wait_room) (reading no more packets) until the socket takes them, as
+//! the old pump's device thread did; only beyond [`HARD_LIMIT`] is a packet refused.
+//!
+//! Plaintext mode ([`StreamTransport::plaintext`]): frames carry raw inner packets, byte-compatible
+//! with the classic simpletun.c; the data plane then bypasses ESP for its peers.
+//!
+//! A connection that ends (peer closed, socket error) is reported with its reason through
+//! [`Transport::take_closed`] (the data plane turns it into an event).
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::sys;
@@ -18,6 +27,9 @@ use crate::frame::{Event, FrameParser, MAX_FRAME, PREFIX_LEN};
 
 /// Most unsent bytes held per connection.
 pub const TX_LIMIT: usize = 4 << 20;
+/// Unsent bytes beyond which packets are refused (the device thread stops at [`TX_LIMIT`], so
+/// only one batch can land above it).
+pub const HARD_LIMIT: usize = 2 * TX_LIMIT;
 const RX_BUF: usize = 256 * 1024;
 const KICK: u64 = u64::MAX;
 // The prefix written by send_batch is a u16.
@@ -49,7 +61,7 @@ struct Conns {
     by_token: HashMap<u64, Arc<Conn>>,
     by_addr: HashMap<SocketAddr, u64>,
     next: u64,
-    closed: Vec<SocketAddr>,
+    closed: Vec<(SocketAddr, String)>,
 }
 
 pub struct StreamTransport {
@@ -57,6 +69,10 @@ pub struct StreamTransport {
     kick: OwnedFd,
     conns: Mutex<Conns>,
     max_frame: usize,
+    plaintext: bool,
+    control: bool,
+    /// Some connection may hold more than TX_LIMIT unsent bytes.
+    full: AtomicBool,
 }
 
 fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -73,7 +89,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl StreamTransport {
+    /// Frames carrying ESP and control messages.
     pub fn new(max_frame: usize) -> io::Result<StreamTransport> {
+        StreamTransport::with_mode(max_frame, false)
+    }
+
+    /// Frames carrying raw inner packets (simpletun.c's `--plaintext` wire format).
+    pub fn plaintext(max_frame: usize) -> io::Result<StreamTransport> {
+        StreamTransport::with_mode(max_frame, true)
+    }
+
+    /// Refuse control messages and keepalives (counted `drop_control`, `drop_bad_length`):
+    /// for a connection whose handshake was done before it was handed over.
+    pub fn without_control(mut self) -> StreamTransport {
+        self.control = false;
+        self
+    }
+
+    fn with_mode(max_frame: usize, plaintext: bool) -> io::Result<StreamTransport> {
         // SAFETY: plain system call; the descriptor is owned by the OwnedFd.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if ep < 0 {
@@ -94,6 +127,9 @@ impl StreamTransport {
             kick,
             conns: Mutex::new(Conns::default()),
             max_frame: max_frame.min(MAX_FRAME),
+            plaintext,
+            control: !plaintext,
+            full: AtomicBool::new(false),
         })
     }
 
@@ -170,11 +206,6 @@ impl StreamTransport {
         true
     }
 
-    /// Endpoints of connections that ended (peer closed, error) since the last call.
-    pub fn take_closed(&self) -> Vec<SocketAddr> {
-        std::mem::take(&mut lock(&self.conns).closed)
-    }
-
     pub fn connections(&self) -> Vec<SocketAddr> {
         lock(&self.conns).by_addr.keys().copied().collect()
     }
@@ -189,11 +220,11 @@ impl StreamTransport {
         );
     }
 
-    fn close(&self, conn: &Conn) {
+    fn close(&self, conn: &Conn, why: String) {
         let mut c = lock(&self.conns);
         if c.by_token.remove(&conn.token).is_some() {
             c.by_addr.remove(&conn.endpoint);
-            c.closed.push(conn.endpoint);
+            c.closed.push((conn.endpoint, why));
             self.forget(conn);
         }
     }
@@ -242,14 +273,14 @@ impl StreamTransport {
     }
 
     /// Move whole frames of `conn` into `bufs[*next..]`; read more when none is buffered.
-    /// Returns false when the connection ended.
+    /// Returns why, when the connection ended.
     fn drain(
         &self,
         conn: &Conn,
         bufs: &mut [Vec<u8>],
         next: &mut usize,
         out: &mut Vec<Datagram>,
-    ) -> bool {
+    ) -> Option<String> {
         let mut rx = lock(&conn.rx);
         let rx = &mut *rx;
         loop {
@@ -287,7 +318,7 @@ impl StreamTransport {
             if *next >= bufs.len() {
                 // More may be buffered: come back without waiting for the socket.
                 sys::signal(&self.kick);
-                return true;
+                return None;
             }
             // Compact, then read.
             if rx.start > 0 {
@@ -297,7 +328,7 @@ impl StreamTransport {
             }
             let room = &mut rx.buf[rx.end..];
             if room.is_empty() {
-                return true; // cannot happen: a frame is at most 65537 bytes
+                return None; // cannot happen: a frame is at most 65537 bytes
             }
             // SAFETY: room is valid for writes of room.len() bytes.
             let r = sys::retry(|| {
@@ -306,12 +337,22 @@ impl StreamTransport {
                 })
             });
             match r {
-                Ok(0) => return false,
+                Ok(0) if rx.start < rx.end => {
+                    return Some("peer closed the connection in the middle of a frame".into())
+                }
+                Ok(0) => return Some("peer closed the connection".into()),
                 Ok(n) => rx.end += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(_) => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) => return Some(format!("socket error: {e}")),
             }
         }
+    }
+}
+
+fn socket_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPIPE | libc::ECONNRESET) => "peer reset the connection".into(),
+        _ => format!("socket error: {e}"),
     }
 }
 
@@ -340,14 +381,14 @@ impl Transport for StreamTransport {
         for conn in &conns {
             if writable.contains(&conn.token) {
                 let mut tx = lock(&conn.tx);
-                if self.flush(conn, &mut tx).is_err() {
+                if let Err(e) = self.flush(conn, &mut tx) {
                     drop(tx);
-                    self.close(conn);
+                    self.close(conn, socket_error(&e));
                     continue;
                 }
             }
-            if !self.drain(conn, bufs, &mut next, out) {
-                self.close(conn);
+            if let Some(why) = self.drain(conn, bufs, &mut next, out) {
+                self.close(conn, why);
             }
         }
         Ok(())
@@ -365,7 +406,7 @@ impl Transport for StreamTransport {
                     continue;
                 }
                 let mut tx = lock(&conn.tx);
-                if tx.buf.len() - tx.sent > TX_LIMIT {
+                if tx.buf.len() - tx.sent > HARD_LIMIT {
                     continue;
                 }
                 tx.buf.extend_from_slice(&(p.len() as u16).to_be_bytes());
@@ -378,11 +419,56 @@ impl Transport for StreamTransport {
         }
         for conn in touched {
             let mut tx = lock(&conn.tx);
-            if self.flush(&conn, &mut tx).is_err() {
-                drop(tx);
-                self.close(&conn);
+            match self.flush(&conn, &mut tx) {
+                Ok(()) => {
+                    if tx.buf.len() - tx.sent > TX_LIMIT {
+                        self.full.store(true, Ordering::Release);
+                    }
+                }
+                Err(e) => {
+                    drop(tx);
+                    self.close(&conn, socket_error(&e));
+                }
             }
         }
         sent
+    }
+    fn plaintext(&self) -> bool {
+        self.plaintext
+    }
+    fn carries_control(&self) -> bool {
+        self.control
+    }
+    fn congested(&self) -> bool {
+        self.full.load(Ordering::Acquire)
+    }
+    fn wait_room(&self, stop_fd: RawFd, timeout_ms: i32) {
+        let full: Vec<Arc<Conn>> = lock(&self.conns)
+            .by_token
+            .values()
+            .filter(|c| {
+                let tx = lock(&c.tx);
+                tx.buf.len() - tx.sent > TX_LIMIT
+            })
+            .cloned()
+            .collect();
+        let Some(conn) = full.first() else {
+            self.full.store(false, Ordering::Release);
+            return;
+        };
+        sys::poll_writable(conn.fd.as_raw_fd(), stop_fd, timeout_ms);
+        let mut tx = lock(&conn.tx);
+        if let Err(e) = self.flush(conn, &mut tx) {
+            drop(tx);
+            self.close(conn, socket_error(&e));
+        }
+        // Looked at again by the next call (cleared once no connection is over the limit).
+    }
+    fn take_closed(&self) -> Vec<(SocketAddr, String)> {
+        let mut c = lock(&self.conns);
+        if c.closed.is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut c.closed)
     }
 }

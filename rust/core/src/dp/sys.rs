@@ -83,6 +83,24 @@ pub fn poll_readable<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> [bool;
     p.map(|x| x.revents != 0)
 }
 
+/// Wait until `fd` is writable (or in error) or `stop` is readable, at most `timeout_ms`.
+pub fn poll_writable(fd: RawFd, stop: RawFd, timeout_ms: i32) {
+    let mut p = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: p holds two valid pollfds.
+    unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
+}
+
 pub fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> io::Result<i32> {
     let mut v: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;

@@ -45,4 +45,25 @@ pub trait Transport: Send + Sync + 'static {
     fn recv_batch(&self, bufs: &mut [Vec<u8>], out: &mut Vec<Datagram>) -> io::Result<()>;
     /// Send datagrams without blocking for long; returns how many were sent.
     fn send_batch(&self, pkts: &[(&[u8], SocketAddr)]) -> usize;
+    /// Whether control messages and keepalives are accepted from it (its kind's default; a
+    /// stream transport whose handshake is done before the data plane starts refuses them).
+    fn carries_control(&self) -> bool {
+        self.kind().carries_control()
+    }
+    /// Datagrams are raw inner packets, not ESP (the stream transport's plaintext mode).
+    fn plaintext(&self) -> bool {
+        false
+    }
+    /// Some destination cannot take more now: the device thread should wait in
+    /// [`wait_room`](Self::wait_room) instead of reading more packets (backpressure).
+    fn congested(&self) -> bool {
+        false
+    }
+    /// Wait (at most `timeout_ms`, or until `stop_fd` is readable) for room, and send what
+    /// is waiting.
+    fn wait_room(&self, _stop_fd: RawFd, _timeout_ms: i32) {}
+    /// Connections that ended since the last call, with why (stream transports).
+    fn take_closed(&self) -> Vec<(SocketAddr, String)> {
+        Vec::new()
+    }
 }
