@@ -89,6 +89,36 @@ allowed_ips = ["10.9.1.0/24"]
     assert tf.config.key is None
 
 
+@needs_root
+def test_up_kernel_without_esp_one_line_exit_2(tmp_path):
+    if not _esp_missing():
+        pytest.skip("this kernel has ESP: the ESP-less path cannot be observed here")
+    mk = _keyfile(tmp_path)
+    conf = tmp_path / "stk0.toml"
+    conf.write_text(
+        f"""
+[interface]
+address = ["10.9.0.2/24"]
+transport = "udp"
+dataplane = "kernel"
+manual_keys_file = "{mk}"
+
+[[peer]]
+endpoint = "127.0.0.1:4500"
+allowed_ips = ["10.9.1.0/24"]
+"""
+    )
+    env = dict(os.environ, SIMPLETUN_RUN_DIR=str(tmp_path / "run"))
+    for extra in ([], ["--foreground"]):
+        cmd = [sys.executable, "-m", "simpletun", "up", str(conf), *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 2, done
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert "CONFIG_INET_ESP" in lines[0] and "--dataplane userspace" in lines[0]
+        assert subprocess.run(["ip", "link", "show", "stk0"], capture_output=True).returncode
+
+
 def test_status_maps_xfrm_counters_onto_simpletun_names(tmp_path, monkeypatch):
     from simpletun import kernel_dp, xfrm
 
