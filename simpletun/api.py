@@ -64,13 +64,27 @@ class TunnelHandle:
     def tunnel(self) -> session.Tunnel:
         return self._tunnel
 
-    async def wait_up(self, timeout: float | None = None) -> None:
-        """Until the peer is connected (a session runs); TooSlowError after ``timeout``."""
+    async def wait_up(self, timeout: float | None = None, peer: str | None = None) -> None:
+        """Until the peer is connected (a session runs; for IKEv2, until ``peer`` — any peer
+        if None — has a Child SA); TooSlowError after ``timeout``."""
+        args = () if peer is None else (peer,)
+        if peer is not None and not hasattr(self._tunnel, "apply_peers"):
+            raise SimpletunError("peer= names an IKEv2 peer; this tunnel has one peer")
         if timeout is None:
-            await self._tunnel.wait_up()
+            await self._tunnel.wait_up(*args)
             return
         with trio.fail_after(timeout):
-            await self._tunnel.wait_up()
+            await self._tunnel.wait_up(*args)
+
+    async def reload(self, spec: configfile.TunnelFile | str | os.PathLike | None = None) -> dict:
+        """Apply a changed config live, as ``simpletun reload`` does: routes and (IKEv2) peers
+        added, removed or changed; the other peers' SAs and traffic are untouched. ``spec``:
+        a parsed file or a path (default: re-read the tunnel's own file). Returns what changed,
+        ``{"ok": False, "error": ...}`` if the new config is refused."""
+        if self._service is None:
+            raise SimpletunError("reload needs a tunnel opened from a config file")
+        new = None if spec is None else _as_file(spec)
+        return await self._service.reload(new)
 
     def status(self) -> dict:
         """The same data as ``simpletun status --json``."""
@@ -153,8 +167,11 @@ class BlockingTunnel:
             raise SimpletunError("the tunnel is not running") from self._error
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
-    def wait_up(self, timeout: float | None = None) -> None:
-        self._call(self._handle.wait_up, timeout)
+    def wait_up(self, timeout: float | None = None, peer: str | None = None) -> None:
+        self._call(self._handle.wait_up, timeout, peer)
+
+    def reload(self, spec=None) -> dict:
+        return self._call(self._handle.reload, spec)
 
     def status(self) -> dict:
         return self._call(_sync_to_async(self._handle.status))

@@ -84,6 +84,7 @@ class IkeGlue:
         self.peers: dict[str, PeerState] = {}
         self.down_initiators: dict[str, float] = {}  # peer name -> when to initiate again
         self.changed = trio.Event() if _in_trio() else None
+        self.on_sa_change = None  # called after a Child SA is installed or removed
         for p in ep.peers:
             self._add_dp_peer(p)
 
@@ -173,6 +174,8 @@ class IkeGlue:
             self._switch_out(st, a)
         else:
             st.pending_out[a.rekey_of] = a
+        if self.on_sa_change is not None:
+            self.on_sa_change()
 
     def _switch_out(self, st: PeerState, a: InstallChildSa) -> None:
         self.dp.set_outbound_sa(st.dp_peer, a.spi_out, a.enc_out, a.auth_out, esn=a.suite.esn)
@@ -195,6 +198,8 @@ class IkeGlue:
             self.dp.remove_inbound_sa(a.spi_in, OLD_SA_GRACE)
         except SimpletunError:
             pass
+        if self.on_sa_change is not None:
+            self.on_sa_change()
 
     # -- input ---------------------------------------------------------------------------
 
@@ -450,6 +455,25 @@ class IkeTunnel:
         self.handshake_failures = 0
         self.last_exit_reason: str | None = None
         self.port = NATT_PORT
+        self._sa_changed = trio.Event()
+
+    def _sa_change(self) -> None:
+        self._sa_changed.set()
+        self._sa_changed = trio.Event()
+
+    def is_up(self, peer: str | None = None) -> bool:
+        """Whether ``peer`` (by name; any peer if None) has a Child SA."""
+        glue = self.glue
+        if glue is None:
+            return False
+        return any(st.children for n, st in glue.peers.items() if peer is None or n == peer)
+
+    async def wait_up(self, peer: str | None = None) -> None:
+        """Until ``peer`` (any peer if None) has a Child SA; woken by SA changes, no polling."""
+        if peer is not None and peer not in {sp.name for sp in self.config.ike.peers}:
+            raise SimpletunError(f"no peer named {peer!r} in this tunnel")
+        while not self.is_up(peer):
+            await self._sa_changed.wait()
 
     def status(self) -> dict:
         peers = self.glue.status() if self.glue is not None else []
@@ -530,6 +554,7 @@ async def run_config(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 tunnel.glue = await n.start(
                     partial_run(device.fd, ep, s500, s4500, setup.local_ip, config.tap)
                 )
+                tunnel.glue.on_sa_change = tunnel._sa_change
                 task_status.started(tunnel)
         finally:
             s500.close()

@@ -64,13 +64,14 @@ class Service:
         st["pid"] = __import__("os").getpid()
         return st
 
-    async def reload(self) -> dict:
-        """Re-read the file and apply what can change live (the routes of the peer's allowed
-        prefixes); name what needs a restart. The running session is not disturbed."""
+    async def reload(self, new: configfile.TunnelFile | None = None) -> dict:
+        """Re-read the file (or take ``new``) and apply what can change live (routes; IKEv2
+        peers); name what needs a restart. The running sessions are not disturbed."""
         async with self._reload_lock:
             systemd.notify("RELOADING=1")
             try:
-                new = await trio.to_thread.run_sync(configfile.load, str(self.file.path))
+                if new is None:
+                    new = await trio.to_thread.run_sync(configfile.load, str(self.file.path))
             except ConfigError as e:
                 log.error("reload failed, keeping the running configuration: %s", e)
                 systemd.notify("READY=1")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 
 import pytest
@@ -199,3 +200,69 @@ def test_cli_key_exchange_ikev2_usage_errors(tmp_path):
         argv = [simpletun_cmd(), "-i", "x0", "--key", str(k), "--key-exchange", "ikev2", *extra]
         p = subprocess.run(argv, capture_output=True, text=True, timeout=20)
         assert p.returncode == 2 and msg in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+API_SCRIPT = """
+import json, sys, trio, simpletun
+
+async def main(path, path2):
+    async with simpletun.open_tunnel(path) as t:
+        await t.wait_up(timeout=20, peer="a")
+        spi = t.status()["peers"][0]["child_sas"][0]["spi_in"]
+        r1 = await t.reload(path2)
+        names1 = sorted(p["name"] for p in t.status()["peers"])
+        r2 = await t.reload(path)
+        st = t.status()
+        print(json.dumps({"spi": spi, "r1": r1, "names1": names1, "r2": r2,
+                          "names2": sorted(p["name"] for p in st["peers"]),
+                          "spis": [c["spi_in"] for c in st["peers"][0]["child_sas"]]}))
+
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+def test_api_wait_up_for_a_peer_and_reload_adds_and_removes_one(lab, tmp_path, monkeypatch):
+    """The Python API on an IKEv2 tunnel: wait_up(peer=...) without polling, reload(path)
+    adding a peer and reload back removing it, the first peer's Child SA untouched."""
+    psk = tmp_path / "psk.key"
+    keyfile(psk)
+    resp = tmp_path / "a" / f"{DEV}.toml"
+    resp.parent.mkdir()
+    resp.write_text(
+        f'[interface]\nkey_exchange = "ikev2"\naddress = ["{A_IN}/24"]\n'
+        f'listen_address = "{VETH_A_ADDR}"\nlocal_id = "a.example"\n\n'
+        f'[[peer]]\nname = "b"\nidentity = "b.example"\nallowed_ips = ["10.252.2.0/24"]\n'
+        f'psk_file = "{psk}"\n'
+    )
+    head_b = (
+        f'[interface]\nkey_exchange = "ikev2"\naddress = ["{B_IN}/24"]\n'
+        f'listen_address = "{VETH_B_ADDR}"\nlocal_id = "b.example"\n\n'
+        f'[[peer]]\nname = "a"\nidentity = "a.example"\nendpoint = "{VETH_A_ADDR}"\n'
+        f'allowed_ips = ["10.252.1.0/24"]\npsk_file = "{psk}"\n'
+    )
+    init = tmp_path / "b" / f"{DEV}.toml"
+    init.parent.mkdir()
+    init.write_text(head_b)
+    init2 = tmp_path / "b2" / f"{DEV}.toml"
+    init2.parent.mkdir()
+    init2.write_text(
+        head_b + '\n[[peer]]\nname = "x"\nidentity = "x.example"\n'
+        f'allowed_ips = ["10.252.9.0/24"]\npsk_file = "{psk}"\n'
+    )
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+    up = st(lab, lab.ns_a, "up", str(resp))
+    assert up.returncode == 0, up.stderr
+    try:
+        env = {"SIMPLETUN_RUN_DIR": str(tmp_path / "run-b"), "PATH": "/usr/sbin:/usr/bin:/bin"}
+        cmd = [sys.executable, "-c", API_SCRIPT, str(init), str(init2)]
+        p = lab.spawn(lab.ns_b, cmd, name="api-ikev2", env=env)
+        assert p.wait(60) == 0, p.stderr()
+        out = json.loads(p.stdout().strip().splitlines()[-1])
+        assert out["r1"]["ok"] and out["r1"]["peers_added"] == ["x"], out
+        assert out["names1"] == ["a", "x"], out
+        assert out["r2"]["ok"] and out["r2"]["peers_removed"] == ["x"], out
+        assert out["names2"] == ["a"], out
+        assert out["spi"] in out["spis"], out  # peer a kept its Child SA through both reloads
+        assert DEV not in lab.links(lab.ns_b)
+    finally:
+        st(lab, lab.ns_a, "down", DEV)
