@@ -542,24 +542,42 @@ async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORE
 # -- both, with the real device ---------------------------------------------------------------
 
 
-def _pin_peer(config: Config) -> dict | None:
+def _pin_peer(config: Config) -> list[dict]:
     """A client whose routes cover its server's address (e.g. a default route through the
     tunnel) first pins a host route to the server along the current path: otherwise the
-    tunnel's own connection would be routed into the tunnel."""
-    if config.server or not config.routes:
-        return None
+    tunnel's own connection would be routed into the tunnel. An IKEv2 tunnel does the same for
+    every peer it initiates to (its IKE and ESP-in-UDP go to that endpoint)."""
+    if not config.routes:
+        return []
+    ike = getattr(config, "ike", None)
+    if ike is not None:
+        targets = [sp.endpoint for sp in ike.peers if sp.endpoint is not None]
+    elif config.server:
+        return []
+    else:
+        targets = [(config.host, config.port)]
     import ipaddress
 
-    try:
-        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
-    except OSError:
-        return None  # resolved (and retried) by the connect loop; nothing to pin yet
     routes = netdev.expand_routes(config.routes)
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if any(addr.version == r.version and addr in r for r in routes):
-            return netdev.pin_host_route(str(addr))
-    return None
+    pins: list[dict] = []
+    try:
+        for host, port in targets:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError:
+                continue  # resolved (and retried) by the connect loop; nothing to pin yet
+            for info in infos:
+                addr = ipaddress.ip_address(info[4][0])
+                if any(addr.version == r.version and addr in r for r in routes):
+                    pin = netdev.pin_host_route(str(addr))
+                    if pin:
+                        pins.append(pin)
+                    break
+    except BaseException:
+        for pin in pins:
+            netdev.unpin(pin)
+        raise
+    return pins
 
 
 def _open(config: Config):
@@ -573,11 +591,10 @@ def _open(config: Config):
             routes=config.routes,
         )
     except BaseException:
-        if pinned:
-            netdev.unpin(pinned)
+        for pin in pinned:
+            netdev.unpin(pin)
         raise
-    if pinned:
-        device.pinned.append(pinned)
+    device.pinned.extend(pinned)
     return device
 
 

@@ -266,3 +266,58 @@ def test_api_wait_up_for_a_peer_and_reload_adds_and_removes_one(lab, tmp_path, m
         assert DEV not in lab.links(lab.ns_b)
     finally:
         st(lab, lab.ns_a, "down", DEV)
+
+
+def test_default_route_through_an_ikev2_tunnel_keeps_it_up(lab, tmp_path, monkeypatch):
+    """allowed_ips = 0.0.0.0/0 on the initiator, whose responder is reached through a gateway
+    (not on-link): the endpoint is pinned as a host route along the old path first, so IKE and
+    ESP-in-UDP to the responder never enter the tunnel itself."""
+    far = "198.51.100.1"  # the responder's IKE address, off-link for B: via its default route
+    lab.run(lab.ns_a, ["ip", "addr", "add", f"{far}/32", "dev", "lo"])
+    lab.run(lab.ns_b, ["ip", "route", "replace", "default", "via", VETH_A_ADDR])
+    psk = tmp_path / "psk.key"
+    keyfile(psk)
+    resp = tmp_path / "a" / f"{DEV}.toml"
+    resp.parent.mkdir()
+    resp.write_text(
+        f'[interface]\nkey_exchange = "ikev2"\naddress = ["{A_IN}/24"]\n'
+        f'listen_address = "{far}"\nlocal_id = "a.example"\n\n'
+        f'[[peer]]\nname = "b"\nidentity = "b.example"\nallowed_ips = ["10.252.2.0/24"]\n'
+        f'psk_file = "{psk}"\n'
+    )
+    init = tmp_path / "b" / f"{DEV}.toml"
+    init.parent.mkdir()
+    init.write_text(
+        f'[interface]\nkey_exchange = "ikev2"\naddress = ["{B_IN}/24"]\n'
+        f'listen_address = "{VETH_B_ADDR}"\nlocal_id = "b.example"\n\n'
+        f'[[peer]]\nname = "a"\nidentity = "a.example"\nendpoint = "{far}"\n'
+        f'allowed_ips = ["0.0.0.0/0"]\npsk_file = "{psk}"\n'
+    )
+
+    def route_dev(dst: str) -> str:
+        out = lab.run(lab.ns_b, ["ip", "route", "get", dst]).stdout.decode()
+        return out.split(" dev ")[1].split()[0]
+
+    veth = route_dev(far)
+    assert veth != DEV
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+    assert st(lab, lab.ns_a, "up", str(resp)).returncode == 0
+    try:
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-b"))
+        up = st(lab, lab.ns_b, "up", str(init))
+        assert up.returncode == 0, up.stderr
+        lab.wait_ping(lab.ns_b, A_IN, 20)
+        assert route_dev("192.0.2.77") == DEV  # the default route does go through the tunnel
+        assert route_dev(far) == veth  # but not the tunnel's own packets
+        ping = lab.run(lab.ns_b, ["ping", "-n", "-q", "-c", "10", "-i", "0.05", A_IN])
+        assert parse_ping(ping.stdout.decode())[1] == 10, ping.stdout
+        s = status(lab, lab.ns_b)
+        assert s["peers"][0]["child_sas"], s
+        st(lab, lab.ns_b, "down", DEV)
+        routes = lab.run(lab.ns_b, ["ip", "route"]).stdout.decode()
+        assert far not in routes, routes  # the pinned host route went with the tunnel
+    finally:
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-b"))
+        st(lab, lab.ns_b, "down", DEV)
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+        st(lab, lab.ns_a, "down", DEV)
