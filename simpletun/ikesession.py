@@ -257,20 +257,23 @@ class IkeGlue:
 
     def status(self) -> list[dict]:
         now = self.clock()
-        seqs = {}
+        sas: dict = {}  # (spi, inbound) -> the data plane's view of that SA
         try:
             for s in self.dp.sas():
-                seqs[(s.get("spi"), s.get("direction", s.get("dir")))] = s
-        except Exception:  # noqa: BLE001 - status is best effort
+                sas[(s.get("spi"), bool(s.get("inbound")))] = s
+        except (SimpletunError, AttributeError):  # a fake without sas(): no per-SA figures
             pass
         out = []
         for name, st in self.peers.items():
             children = []
             for v in st.children.values():
+                rx, tx = sas.get((v.spi_in, True), {}), sas.get((v.spi_out, False), {})
                 children.append({
                     "spi_in": f"{v.spi_in:08x}", "spi_out": f"{v.spi_out:08x}",
                     "suite": v.suite, "age": round(now - v.installed_at, 1),
                     "outbound": v.outbound,
+                    "seq_in": rx.get("rx_highest_seq"), "packets_in": rx.get("decap_packets"),
+                    "seq_out": tx.get("tx_seq"), "packets_out": tx.get("encap_packets"),
                 })  # fmt: skip
             try:
                 stats = dict(self.dp.peer_stats(st.dp_peer))
@@ -492,10 +495,10 @@ class IkeTunnel:
                 for ch in p["child_sas"]
                 for sa in (
                     {"direction": "in", "spi": "0x" + ch["spi_in"], "age": ch["age"],
-                     "packets": st.get("rx_packets", 0)},
+                     "seq": ch["seq_in"] or 0, "packets": ch["packets_in"] or 0},
                     {"direction": "out" if ch["outbound"] else "out (standby)",
                      "spi": "0x" + ch["spi_out"], "age": ch["age"],
-                     "packets": st.get("tx_packets", 0) if ch["outbound"] else 0},
+                     "seq": ch["seq_out"] or 0, "packets": ch["packets_out"] or 0},
                 )
             ]  # fmt: skip
         return {

@@ -84,6 +84,9 @@ def test_up_ping_status_reload_down(lab, tmp_path, monkeypatch, auth):
         assert peer["endpoint"] == f"{VETH_A_ADDR}:4500", peer
         child = peer["child_sas"][0]
         assert len(child["spi_in"]) == 8 and child["outbound"], child
+        # per-SA sequence numbers from the data plane (pings went both ways)
+        assert child["seq_out"] >= child["packets_out"] > 0 and child["seq_in"] > 0, child
+        assert {sa["seq"] > 0 for sa in peer["sas"]} == {True}, peer["sas"]
         text = st(lab, lab.ns_b, "status", DEV)
         assert text.returncode == 0 and f"spi 0x{child['spi_out']}" in text.stdout.decode(), text
         # reload the responder with a second peer while a ping runs through the first
