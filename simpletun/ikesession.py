@@ -464,6 +464,14 @@ class IkeTunnel:
         self._sa_changed.set()
         self._sa_changed = trio.Event()
 
+    def stats(self) -> dict:
+        """The data plane's device-level counters (all peers; {} before it runs)."""
+        dp = getattr(self.glue, "dp", None)
+        try:
+            return dict(dp.stats) if dp is not None else {}  # a property of DataPlane
+        except (SimpletunError, AttributeError):
+            return {}
+
     def is_up(self, peer: str | None = None) -> bool:
         """Whether ``peer`` (by name; any peer if None) has a Child SA."""
         glue = self.glue

@@ -212,6 +212,7 @@ async def main(path, path2):
     async with simpletun.open_tunnel(path) as t:
         await t.wait_up(timeout=20, peer="a")
         spi = t.status()["peers"][0]["child_sas"][0]["spi_in"]
+        assert "rx_packets" in t.stats, t.stats
         r1 = await t.reload(path2)
         names1 = sorted(p["name"] for p in t.status()["peers"])
         r2 = await t.reload(path)
