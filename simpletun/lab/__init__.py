@@ -292,6 +292,59 @@ class Lab:
                 raise LabError(f"no ping reply from {dst} (namespace {ns}) within {timeout} s")
             time.sleep(0.1)
 
+    def tcp_transfer(
+        self,
+        src: tuple[str, str],
+        dst: tuple[str, str],
+        nbytes: int,
+        *,
+        port: int = 5201,
+        timeout: float = 120.0,
+        between: Sequence[Callable[[], object]] = (),
+    ) -> tuple[str, str]:
+        """Send ``nbytes`` of random data over one TCP connection from ``src`` = (namespace,
+        address) to ``dst`` = (namespace, address); returns the SHA-256 hex digests (sent,
+        received). Each callable in ``between`` runs once, at evenly spaced points inside the
+        stream (e.g. a reload in the middle of a transfer)."""
+        import hashlib
+        import socket
+
+        srv = run_in_netns(dst[0], lambda: socket.create_server((dst[1], port)))
+        family = socket.AF_INET6 if ":" in src[1] else socket.AF_INET
+        cli = run_in_netns(src[0], lambda: socket.socket(family, socket.SOCK_STREAM))
+        got: dict = {}
+
+        def serve() -> None:
+            conn, _ = srv.accept()
+            h = hashlib.sha256()
+            while chunk := conn.recv(65536):
+                h.update(chunk)
+            got["rx"] = h.hexdigest()
+            conn.close()
+
+        t = threading.Thread(target=serve)
+        t.start()
+        sent = hashlib.sha256()
+        parts = len(between) + 1
+        try:
+            cli.settimeout(timeout)
+            cli.bind((src[1], 0))
+            cli.connect((dst[1], port))
+            for i in range(parts):
+                left = nbytes // parts + (nbytes % parts if i == parts - 1 else 0)
+                while left:
+                    chunk = os.urandom(min(left, 65536))
+                    sent.update(chunk)
+                    cli.sendall(chunk)
+                    left -= len(chunk)
+                if i < parts - 1:
+                    between[i]()
+        finally:
+            cli.close()
+            t.join(timeout)
+            srv.close()
+        return sent.hexdigest(), got.get("rx", "")
+
     def links(self, ns: str) -> list[str]:
         out = _sh(["ip", "-n", ns, "-o", "link", "show"]).stdout.decode()
         return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line]

@@ -5,11 +5,8 @@ sequence limit) during the transfer with no packet lost."""
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
-import socket
 import struct
-import threading
 
 import pytest
 import trio
@@ -40,35 +37,8 @@ def open_tun(ns: str, name: str, addr: str, route: str) -> int:
 
 
 def transfer(lab: Lab, nbytes: int) -> tuple[str, str]:
-    """nbytes of random data from A's inner address to B's over TCP; (sent, received) SHA-256."""
-    srv = run_in_netns(lab.ns_b, lambda: socket.create_server((B_IN, 5201)))
-    cli = run_in_netns(lab.ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-    got = {}
-
-    def serve():
-        conn, _ = srv.accept()
-        h = hashlib.sha256()
-        while chunk := conn.recv(65536):
-            h.update(chunk)
-        got["rx"] = h.hexdigest()
-        conn.close()
-
-    t = threading.Thread(target=serve)
-    t.start()
-    cli.settimeout(60)
-    cli.bind((A_IN, 0))
-    cli.connect((B_IN, 5201))
-    h = hashlib.sha256()
-    left = nbytes
-    while left:
-        chunk = os.urandom(min(left, 65536))
-        h.update(chunk)
-        cli.sendall(chunk)
-        left -= len(chunk)
-    cli.close()
-    t.join(60)
-    srv.close()
-    return h.hexdigest(), got.get("rx", "")
+    """nbytes from A's inner address to B's over TCP; (sent, received) SHA-256."""
+    return lab.tcp_transfer((lab.ns_a, A_IN), (lab.ns_b, B_IN), nbytes, timeout=60)
 
 
 A_IN, B_IN = "10.251.1.1", "10.251.2.1"

@@ -4,19 +4,15 @@ adding a peer while the first one's traffic continues, `down`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import socket
 import sys
-import threading
 
 import pytest
 
 from simpletun import keys
 from simpletun.ike.keys import public_key_text
 
-from .lab import VETH_A_ADDR, VETH_B_ADDR, parse_ping, run_in_netns
+from .lab import VETH_A_ADDR, VETH_B_ADDR, parse_ping
 from .tunnel import DEV, simpletun_cmd
 
 pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("tunnel_ready")]
@@ -110,48 +106,24 @@ def test_up_ping_status_reload_down(lab, tmp_path, monkeypatch, auth):
         assert "10.252.3.0/24 dev st0" in lab.run(lab.ns_a, ["ip", "route"]).stdout.decode()
         # a transfer through peer b spans two more reloads: c removed, then added back
         spi_b = names["b"]["child_sas"][0]["spi_in"]
-        srv = run_in_netns(lab.ns_a, lambda: socket.create_server((A_IN, 5301)))
-        cli = run_in_netns(lab.ns_b, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        got: dict = {}
+        c_back = head_a + (
+            '\n[[peer]]\nname = "c"\nidentity = "c.example"\n'
+            f'allowed_ips = ["10.252.3.0/24"]\npsk_file = "{psk}"\n'
+        )
 
-        def serve():
-            conn, _ = srv.accept()
-            h = hashlib.sha256()
-            while chunk := conn.recv(65536):
-                h.update(chunk)
-            got["rx"] = h.hexdigest()
-            conn.close()
-
-        t = threading.Thread(target=serve)
-        t.start()
-        sent = hashlib.sha256()
-
-        def send(n: int) -> None:
-            for _ in range(n >> 16):
-                chunk = os.urandom(65536)
-                sent.update(chunk)
-                cli.sendall(chunk)
-
-        try:
-            cli.settimeout(60)
-            cli.bind((B_IN, 0))
-            cli.connect((A_IN, 5301))
-            send(4 << 20)
-            resp.write_text(head_a)  # c removed
+        def remove_c():
+            resp.write_text(head_a)
             assert st(lab, lab.ns_a, "reload", DEV).returncode == 0
-            send(4 << 20)
             assert {p["name"] for p in status(lab, lab.ns_a)["peers"]} == {"b"}
-            resp.write_text(
-                head_a + '\n[[peer]]\nname = "c"\nidentity = "c.example"\n'
-                f'allowed_ips = ["10.252.3.0/24"]\npsk_file = "{psk}"\n'
-            )  # c added back
+
+        def add_c_back():
+            resp.write_text(c_back)
             assert st(lab, lab.ns_a, "reload", DEV).returncode == 0
-            send(4 << 20)
-        finally:
-            cli.close()
-            t.join(60)
-            srv.close()
-        assert got.get("rx") == sent.hexdigest(), "12 MiB through b changed across reloads"
+
+        tx, rx = lab.tcp_transfer(
+            (lab.ns_b, B_IN), (lab.ns_a, A_IN), 12 << 20, port=5301, between=[remove_c, add_c_back]
+        )
+        assert tx == rx, "12 MiB through b changed across reloads"
         sa = status(lab, lab.ns_a)
         names = {p["name"]: p for p in sa["peers"]}
         assert set(names) == {"b", "c"}, sa

@@ -4,11 +4,8 @@ and charon's own counters showing the ESP it decrypted."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import socket
-import threading
 
 import pytest
 import trio
@@ -27,35 +24,7 @@ A_IN, B_IN = "10.78.1.1", "10.78.2.1"
 
 
 def _transfer(lab, nbytes: int) -> tuple[str, str]:
-    srv = run_in_netns(lab.ns_b, lambda: socket.create_server((B_IN, 5202)))
-    cli = run_in_netns(lab.ns_a, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-    got = {}
-
-    def serve():
-        conn, _ = srv.accept()
-        h = hashlib.sha256()
-        while chunk := conn.recv(65536):
-            h.update(chunk)
-        got["rx"] = h.hexdigest()
-        conn.close()
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
-        cli.settimeout(120)
-        cli.bind((A_IN, 0))
-        cli.connect((B_IN, 5202))
-        h, left = hashlib.sha256(), nbytes
-        while left:
-            chunk = os.urandom(min(left, 65536))
-            h.update(chunk)
-            cli.sendall(chunk)
-            left -= len(chunk)
-    finally:
-        cli.close()
-        t.join(120)
-        srv.close()
-    return h.hexdigest(), got.get("rx", "")
+    return lab.tcp_transfer((lab.ns_a, A_IN), (lab.ns_b, B_IN), nbytes, port=5202)
 
 
 @pytest.mark.parametrize("we_initiate", [True, False], ids=["we-initiate", "charon-initiates"])
