@@ -5,12 +5,17 @@ import subprocess
 import sys
 
 import pytest
+from skipping import skip
 
 from simpletun import manual_keys
 from simpletun._errors import ConfigError
 from simpletun.config import Config
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="xfrm netlink needs root")
+
+@pytest.fixture
+def needs_root():
+    if os.geteuid() != 0:
+        skip("xfrm netlink needs root")
 
 
 def _esp_missing() -> bool:
@@ -30,6 +35,21 @@ def _keyfile(tmp_path, transport="esp-in-udp"):
     return str(p)
 
 
+def _kernel_file(manual_keys_file: str) -> str:
+    """A tunnel file for the kernel data plane (ESP-in-UDP, manual keys)."""
+    return f"""
+[interface]
+address = ["10.9.0.2/24"]
+transport = "udp"
+dataplane = "kernel"
+manual_keys_file = "{manual_keys_file}"
+
+[[peer]]
+endpoint = "127.0.0.1:4500"
+allowed_ips = ["10.9.1.0/24"]
+"""
+
+
 def test_kernel_dataplane_needs_manual_keys_and_datagram_transport():
     with pytest.raises(ConfigError, match="--manual-keys"):
         Config(server=True, transport="udp", key=bytes(32), dataplane="kernel")
@@ -39,10 +59,9 @@ def test_kernel_dataplane_needs_manual_keys_and_datagram_transport():
         Config(server=True, transport="udp", key=bytes(32), dataplane="dpdk")
 
 
-@needs_root
-def test_cli_kernel_without_esp_one_line_exit_2(tmp_path):
+def test_cli_kernel_without_esp_one_line_exit_2(tmp_path, needs_root):
     if not _esp_missing():
-        pytest.skip("this kernel has ESP: the ESP-less path cannot be observed here")
+        skip("this kernel has ESP: the ESP-less path cannot be observed here")
     mk = _keyfile(tmp_path)
     cmd = [sys.executable, "-m", "simpletun", "-i", "stk0", "-s", "--listen", "127.0.0.1"]
     cmd += ["--transport", "udp", "--dataplane", "kernel", "--manual-keys", mk]
@@ -57,8 +76,7 @@ def test_cli_kernel_without_esp_one_line_exit_2(tmp_path):
     assert links.returncode != 0
 
 
-@needs_root
-def test_cli_kernel_transport_mismatch_one_line(tmp_path):
+def test_cli_kernel_transport_mismatch_one_line(tmp_path, needs_root):
     mk = _keyfile(tmp_path, transport="esp")
     cmd = [sys.executable, "-m", "simpletun", "-i", "stk0", "-c", "127.0.0.1"]
     cmd += ["--transport", "udp", "--dataplane", "kernel", "--manual-keys", mk]
@@ -73,41 +91,18 @@ def test_configfile_dataplane_kernel(tmp_path):
     from simpletun import configfile
 
     mk = _keyfile(tmp_path)
-    text = f"""
-[interface]
-address = ["10.9.0.2/24"]
-transport = "udp"
-dataplane = "kernel"
-manual_keys_file = "{mk}"
-
-[[peer]]
-endpoint = "127.0.0.1:4500"
-allowed_ips = ["10.9.1.0/24"]
-"""
+    text = _kernel_file(mk)
     tf = configfile.loads(text, Path(tmp_path / "stk0.toml"))
     assert tf.config.dataplane == "kernel" and tf.config.manual_keys == mk
     assert tf.config.key is None
 
 
-@needs_root
-def test_up_kernel_without_esp_one_line_exit_2(tmp_path):
+def test_up_kernel_without_esp_one_line_exit_2(tmp_path, needs_root):
     if not _esp_missing():
-        pytest.skip("this kernel has ESP: the ESP-less path cannot be observed here")
+        skip("this kernel has ESP: the ESP-less path cannot be observed here")
     mk = _keyfile(tmp_path)
     conf = tmp_path / "stk0.toml"
-    conf.write_text(
-        f"""
-[interface]
-address = ["10.9.0.2/24"]
-transport = "udp"
-dataplane = "kernel"
-manual_keys_file = "{mk}"
-
-[[peer]]
-endpoint = "127.0.0.1:4500"
-allowed_ips = ["10.9.1.0/24"]
-"""
-    )
+    conf.write_text(_kernel_file(mk))
     env = dict(os.environ, SIMPLETUN_RUN_DIR=str(tmp_path / "run"))
     for extra in ([], ["--foreground"]):
         cmd = [sys.executable, "-m", "simpletun", "up", str(conf), *extra]
