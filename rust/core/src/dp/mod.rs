@@ -957,7 +957,13 @@ fn receive_one(
             return;
         }
     }
-    if dev.send(pkt).is_err() {
+    to_device(inner, peer, pkt);
+}
+
+/// The last step of every receive path: write an accepted inner packet to the device and
+/// count it (or count the failed write).
+fn to_device(inner: &Inner, peer: &Peer, pkt: &[u8]) {
+    if inner.device.send(pkt).is_err() {
         inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
         return;
     }
@@ -999,12 +1005,5 @@ fn receive_plaintext(inner: &Inner, t: &Tables, id: usize, pkt: &[u8], from: Soc
     peer.traffic.last_rx_ms.store(now, Ordering::Relaxed);
     inner.totals.last_rx_ms.store(now, Ordering::Relaxed);
     add(&peer.traffic.wire_rx_bytes, pkt.len() as u64);
-    if dev.send(pkt).is_err() {
-        inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
-        return;
-    }
-    add(&peer.traffic.rx_packets, 1);
-    add(&peer.traffic.rx_bytes, pkt.len() as u64);
-    add(&inner.totals.rx_packets, 1);
-    add(&inner.totals.rx_bytes, pkt.len() as u64);
+    to_device(inner, peer, pkt);
 }
