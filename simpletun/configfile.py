@@ -261,14 +261,7 @@ def loads(text: str, path: Path) -> TunnelFile:
             if key in p:
                 raise w.error("peer", key, 'needs key_exchange = "ikev2" in [interface]', i)
 
-    name = check("name", check_ifname, iface.get("name", path.stem))
-    mode = iface.get("mode", "tun")
-    if mode not in ("tun", "tap"):
-        raise w.error("interface", "mode", f'must be "tun" or "tap", got {mode!r}')
-    addresses = tuple(
-        check("address", check_address, a)
-        for a in _strings(w, "interface", "address", iface.get("address", []))
-    )
+    name, mode, addresses = _device(w, path, iface, check)
     transport = iface.get("transport", "tcp")
     if transport not in TRANSPORTS:
         raise w.error(
@@ -394,6 +387,19 @@ def _key_path(path: Path, value: str) -> str:
     return str(kpath if kpath.is_absolute() else path.parent / kpath)
 
 
+def _device(w: _Where, path: Path, iface: dict, check) -> tuple[str, str, tuple]:
+    """[interface] name (default: the file's stem), mode and addresses, for every kind of file."""
+    name = check("name", check_ifname, iface.get("name", path.stem))
+    mode = iface.get("mode", "tun")
+    if mode not in ("tun", "tap"):
+        raise w.error("interface", "mode", f'must be "tun" or "tap", got {mode!r}')
+    addresses = tuple(
+        check("address", check_address, a)
+        for a in _strings(w, "interface", "address", iface.get("address", []))
+    )
+    return name, mode, addresses
+
+
 def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> TunnelFile:
     """A tunnel keyed by IKEv2: many [[peer]] tables, each with its identity and auth."""
     from simpletun.ike.keys import load_public_key
@@ -414,14 +420,7 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
             'IKEv2 keys the "userspace" data plane in this version (the kernel data plane '
             "takes manual keys: manual_keys_file without key_exchange)",
         )  # fmt: skip
-    name = check("name", check_ifname, iface.get("name", path.stem))
-    mode = iface.get("mode", "tun")
-    if mode not in ("tun", "tap"):
-        raise w.error("interface", "mode", f'must be "tun" or "tap", got {mode!r}')
-    addresses = tuple(
-        check("address", check_address, a)
-        for a in _strings(w, "interface", "address", iface.get("address", []))
-    )
+    name, mode, addresses = _device(w, path, iface, check)
     if "listen_address" not in iface:
         raise w.error(
             "interface", None, "IKEv2 needs listen_address = \"<this host's IP>\" (the local "
