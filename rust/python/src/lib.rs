@@ -6,7 +6,6 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use simpletun_core::{esp, DropReason};
 
-mod dataplane;
 mod dp;
 mod errors;
 mod frame;
@@ -27,7 +26,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ESP_MAX_OVERHEAD", esp::MAX_OVERHEAD)?;
     let names: Vec<&str> = DropReason::ALL.iter().map(|r| r.name()).collect();
     m.add("DROP_REASONS", PyTuple::new(m.py(), names)?)?;
-    dataplane::register(m)?;
     dp::register(m)?;
     Ok(())
 }
