@@ -29,6 +29,11 @@ pub fn config_error(msg: impl Into<String>) -> PyErr {
     raise("ConfigError", msg.into())
 }
 
+/// A TUN/TAP device could not be opened or configured: `DeviceError`.
+pub fn device_error(msg: impl Into<String>) -> PyErr {
+    raise("DeviceError", msg.into())
+}
+
 pub fn sa_config_error(e: SaConfigError) -> PyErr {
     config_error(e.to_string())
 }

@@ -10,6 +10,7 @@ mod dp;
 mod errors;
 mod frame;
 mod sa;
+mod tun;
 
 /// Total ESP packet length for an inner packet of `inner_len` bytes.
 #[pyfunction]
@@ -27,5 +28,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let names: Vec<&str> = DropReason::ALL.iter().map(|r| r.name()).collect();
     m.add("DROP_REASONS", PyTuple::new(m.py(), names)?)?;
     dp::register(m)?;
+    tun::register(m)?;
     Ok(())
 }
