@@ -169,7 +169,8 @@ def test_cli_key_exchange_ikev2_usage_errors(tmp_path):
     keyfile(k)
     for extra, msg in (
         (["-s"], "needs --listen"),
-        (["-c", "192.0.2.1", "--transport", "udp"], "drop -p, --transport"),
+        (["-c", "192.0.2.1", "--transport", "raw"], "not raw"),
+        (["-c", "192.0.2.1", "-p", "4501"], "-p unless --transport tcp"),
         (["-c", "192.0.2.1", "--key-exchange", "ike"], "must be psk or ikev2"),
     ):
         argv = [simpletun_cmd(), "-i", "x0", "--key", str(k), "--key-exchange", "ikev2", *extra]

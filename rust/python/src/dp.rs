@@ -112,9 +112,24 @@ impl PyDataPlane {
     /// its id. Connections are added with add_tcp_connection. `plaintext`: frames carry raw
     /// packets (simpletun.c's --plaintext), no ESP; its peers need no SA. `control` false:
     /// control frames are dropped (`drop_control`), for connections handshaken beforehand.
-    #[pyo3(signature = (max_frame=65535, *, plaintext=false, control=true))]
-    fn add_tcp(&self, max_frame: usize, plaintext: bool, control: bool) -> PyResult<usize> {
-        let t = if plaintext {
+    /// `rfc8229`: RFC 8229 framing (IKE and ESP over TCP: the length counts itself, the side
+    /// that opened a connection sends `IKETCP` first).
+    #[pyo3(signature = (max_frame=65535, *, plaintext=false, control=true, rfc8229=false))]
+    fn add_tcp(
+        &self,
+        max_frame: usize,
+        plaintext: bool,
+        control: bool,
+        rfc8229: bool,
+    ) -> PyResult<usize> {
+        if rfc8229 && (plaintext || !control) {
+            return Err(errors::config_error(
+                "an RFC 8229 transport carries IKE and ESP: plaintext=True or control=False do not go with rfc8229=True",
+            ));
+        }
+        let t = if rfc8229 {
+            StreamTransport::rfc8229(max_frame)
+        } else if plaintext {
             StreamTransport::plaintext(max_frame)
         } else {
             StreamTransport::new(max_frame)
@@ -131,15 +146,19 @@ impl PyDataPlane {
 
     /// Carry frames on (a duplicate of) connected socket `sock_fd`, addressed as `endpoint`
     /// (normally its peer address); replaces a connection with the same endpoint.
+    /// `opened_by_us` (RFC 8229 transports): we connected, so we send `IKETCP` first; else
+    /// the peer must (a connection that does not start with it is closed).
+    #[pyo3(signature = (transport, sock_fd, endpoint, *, opened_by_us=false))]
     fn add_tcp_connection(
         &self,
         transport: usize,
         sock_fd: i32,
         endpoint: (String, u16),
+        opened_by_us: bool,
     ) -> PyResult<()> {
         let ep = self::endpoint(endpoint)?;
         self.stream(transport)?
-            .add_connection(sock_fd, ep)
+            .add_connection_as(sock_fd, ep, opened_by_us)
             .map_err(start_error)
     }
 
