@@ -69,7 +69,8 @@ Usage:
   --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
   --key-exchange K psk (default: simpletun's own handshake) or ikev2 (RFC 7296 on UDP 500/4500,
                    ESP-in-UDP; --key is the IKE pre-shared key; a server needs --listen);
-                   with --transport tcp: IKE and ESP over TCP (RFC 8229), -p port (4500)
+                   with --transport tcp: IKE and ESP over TCP (RFC 8229), -p port (4500);
+                   with --transport raw: ESP as IP protocol 50, IKE on UDP 500
   --dataplane DP   userspace (default) or kernel: ESP in the Linux kernel (xfrm, an xfrm
                    interface carries the routes; udp/raw only, needs --manual-keys)
   --manual-keys F  manual key file (SPIs + keys per direction; same file on both ends)
@@ -235,12 +236,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
                 "drop --dataplane kernel and --manual-keys"
             )
         transport = ns.transport or "udp"
-        if transport not in ("udp", "tcp"):
-            raise UsageError(
-                "--key-exchange ikev2 runs on UDP 500/4500 (--transport udp, the default) or "
-                "TCP (--transport tcp, RFC 8229); not raw"
-            )
-        if ns.cipher is not None or (ns.port is not None and transport == "udp"):
+        if ns.cipher is not None or (ns.port is not None and transport != "tcp"):
             raise UsageError(
                 "--key-exchange ikev2 negotiates its ciphers and runs on UDP 500/4500: drop "
                 "--cipher, and -p unless --transport tcp"
@@ -249,9 +245,9 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
             raise UsageError("--key-exchange ikev2 -s needs --listen ADDR (this host's IP)")
         ike = cli_setup(ns.server, ns.host, ns.listen, key, tuple(ns.routes),
                         transport=transport, port=ns.port)  # fmt: skip
-        ns.port = (
-            ESP_IN_UDP_PORT if transport == "udp" else ike.listen_port or ike.peers[0].endpoint[1]
-        )
+        ns.port = ESP_IN_UDP_PORT
+        if transport == "tcp":
+            ns.port = ike.listen_port or ike.peers[0].endpoint[1]
         if ns.mtu is None:
             ns.mtu = default_mtu(transport, ns.host or ns.listen, tap=ns.tap, server=True)
         return Config(

@@ -406,11 +406,11 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
     from simpletun.ikesession import TCP_PORT, IkePeerSpec, IkeSetup
 
     transport = iface.get("transport", "udp")
-    if transport not in ("udp", "tcp"):
+    if transport not in ("udp", "tcp", "raw"):
         raise w.error(
             "interface", "transport",
-            f'IKEv2 tunnels use "udp" (ESP-in-UDP, UDP 500/4500) or "tcp" (IKE and ESP over '
-            f"TCP, RFC 8229), got {transport!r}",
+            f'IKEv2 tunnels use "udp" (ESP-in-UDP, UDP 500/4500), "tcp" (IKE and ESP over '
+            f'TCP, RFC 8229) or "raw" (ESP as IP protocol 50, IKE on UDP 500), got {transport!r}',
         )  # fmt: skip
     for key in ("key_file", "plaintext", "cipher", "listen_port"):
         if key in iface and not (key == "listen_port" and transport == "tcp"):
@@ -527,7 +527,7 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
         check("mtu", check_mtu, mtu)
     config = Config(
         server=True, ifname=name, host=local_ip, tap=mode == "tap",
-        port=ESP_IN_UDP_PORT if transport == "udp" else listen_port or TCP_PORT,
+        port=listen_port or TCP_PORT if transport == "tcp" else ESP_IN_UDP_PORT,
         mtu=mtu if mtu is not None else default_mtu(transport, local_ip, tap=mode == "tap",
                                                     server=True),
         transport=transport, addresses=addresses, routes=routes, ike=setup,

@@ -108,11 +108,13 @@ class IkeGlue:
     port 4500, ``send500(data, addr)`` sends a datagram from port 500. ``stream``: ``udp`` is
     an RFC 8229 stream transport instead (no port 500); the caller connects when
     :meth:`due_connects` says so and reports it with :meth:`connected`, and hands accepted
-    connections to :meth:`accepted`."""
+    connections to :meth:`accepted`. ``esp``: the transport ESP travels on when it is not
+    ``udp`` (raw ESP, IP protocol 50: the endpoint must not force UDP encapsulation, and a
+    Child SA that needs it, behind a NAT, is refused)."""
 
     def __init__(
         self, ep: Endpoint, dp, udp: int, send500, local_ip: str, clock=time.monotonic, *,
-        stream: bool = False, backoff=Backoff,
+        stream: bool = False, backoff=Backoff, esp: int | None = None,
     ):  # fmt: skip
         self.ep = ep
         self.dp = dp
@@ -121,6 +123,8 @@ class IkeGlue:
         self.local_ip = local_ip
         self.clock = clock
         self.stream = stream
+        self.esp = udp if esp is None else esp
+        self.raw = esp is not None and esp != udp
         self.new_backoff = backoff
         self.peers: dict[str, PeerState] = {}
         self.down_initiators: dict[str, float] = {}  # peer name -> when to initiate again
@@ -140,9 +144,9 @@ class IkeGlue:
     def _add_dp_peer(self, p: PeerConfig) -> None:
         endpoint = None
         if p.remote_addr is not None:
-            port = p.remote_addr[1] if self.stream else NATT_PORT
+            port = p.remote_addr[1] if self.stream else 0 if self.raw else NATT_PORT
             endpoint = (p.remote_addr[0], port)
-        self.peers[p.name] = PeerState(p, self.dp.add_peer(self.udp, list(p.remote_ts), endpoint))
+        self.peers[p.name] = PeerState(p, self.dp.add_peer(self.esp, list(p.remote_ts), endpoint))
 
     def _backoff(self, name: str) -> Backoff:
         return self.backoffs.setdefault(name, self.new_backoff())
@@ -321,12 +325,28 @@ class IkeGlue:
         if st is None:
             log.warning("Child SA %08x of unknown IKE SA %s not installed", a.spi_in, a.sa)
             return
+        if self.raw and a.encap is not None:
+            # raw ESP (protocol 50) cannot cross the NAT the endpoint detected
+            log.warning(
+                "Child SA %08x of %s not installed: a NAT lies between us and the peer, and "
+                'raw ESP cannot cross it; use transport = "udp" (ESP-in-UDP)',
+                a.spi_in, st.config.name,
+            )  # fmt: skip
+            self.count("child_sa_refused_nat")
+            ike = next((s for s in self.ep.sas.values() if s.name == a.sa), None)
+            if ike is not None:
+                self.handle(self.ep.delete_child(ike, a.spi_in, self.clock()))
+            return
         esn = a.suite.esn
         self.dp.add_inbound_sa(st.dp_peer, a.spi_in, a.enc_in, a.auth_in, esn=esn)
         view = ChildView(a.spi_in, a.spi_out, a.suite.name(), a.sa, self.clock())
         st.children[a.spi_in] = view
         if a.encap is not None:
             self.dp.set_endpoint(st.dp_peer, tuple(a.encap[1]))
+        elif self.raw:
+            ike = next((s for s in self.ep.sas.values() if s.name == a.sa), None)
+            if ike is not None:
+                self.dp.set_endpoint(st.dp_peer, (ike.remote[0], 0))
         if a.initiator or a.rekey_of is None or a.rekey_of not in st.children:
             self._switch_out(st, a)
         else:
@@ -497,6 +517,7 @@ async def run(
     soft_bytes: int | None = None,
     tcp: bool = False,
     listener: socket.socket | None = None,
+    raw_sock: socket.socket | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the IKE speaker ``ep`` with a DataPlane on ``tun_fd``; ``task_status.started``
@@ -504,8 +525,10 @@ async def run(
     The data plane carries ESP-in-UDP only, so the endpoint always asks for UDP
     encapsulation (``force_encap``). ``tcp``: IKE and ESP over TCP (RFC 8229) instead of
     the two UDP sockets (pass None for them): initiator peers are connected to, and
-    ``listener`` (a listening TCP socket, or None) accepts connections from peers."""
-    ep.force_encap = True
+    ``listener`` (a listening TCP socket, or None) accepts connections from peers.
+    ``raw_sock``: ESP goes as IP protocol 50 on this raw socket instead (IKE stays on the UDP
+    sockets; no forced encapsulation, so without a NAT IKE stays on port 500)."""
+    ep.force_encap = raw_sock is None
     ep.natt_from_start = tcp
     from simpletun._core import DataPlane
     from simpletun.datagram import _events, _watch_done
@@ -513,10 +536,13 @@ async def run(
     kw = {k: v for k, v in (("soft_seq", soft_seq), ("soft_bytes", soft_bytes)) if v is not None}
     dp = DataPlane(tun_fd, tap=tap, **kw)
     try:
+        esp = None
         if tcp:
             udp = dp.add_tcp(rfc8229=True)
         else:
             udp = dp.add_udp(sock4500.fileno())
+            if raw_sock is not None:
+                esp = dp.add_raw_esp(raw_sock.fileno())
 
         def send500(data: bytes, addr) -> None:
             try:
@@ -524,7 +550,7 @@ async def run(
             except OSError as e:
                 log.debug("sending to %s from port 500 failed: %s", addr, e)
 
-        glue = IkeGlue(ep, dp, udp, send500, local_ip, stream=tcp)
+        glue = IkeGlue(ep, dp, udp, send500, local_ip, stream=tcp, esp=esp)
         glue.dp_obj = dp
 
         async def recv500() -> None:
@@ -660,7 +686,7 @@ class IkeSetup:
     local_id: str | None
     private_key: bytes | None = field(default=None, repr=False)  # 32 bytes (simpletun genkey)
     peers: tuple[IkePeerSpec, ...] = ()
-    transport: str = "udp"  # or "tcp": IKE and ESP over TCP (RFC 8229)
+    transport: str = "udp"  # "tcp": IKE and ESP over TCP (RFC 8229); "raw": ESP as protocol 50
     listen_port: int | None = None  # tcp: the port we accept peers on (None: no listener)
 
 
@@ -805,6 +831,19 @@ async def run_config(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         else:
             s500, s4500 = socks = list(ike_sockets(setup.local_ip))
             where = "UDP 500/4500"
+            if setup.transport == "raw":
+                from simpletun.datagram import raw_esp_socket
+
+                fam = socket.AF_INET6 if ":" in setup.local_ip else socket.AF_INET
+                try:
+                    socks.append(raw_esp_socket(fam))
+                except OSError as e:
+                    for s in socks:
+                        s.close()
+                    raise SimpletunError(
+                        f"cannot open a raw ESP socket: {e.strerror or e} (raw ESP needs root)"
+                    ) from None
+                where += ", ESP as IP protocol 50"
         try:
             ep = Endpoint([peer_config(setup, sp) for sp in setup.peers])
             tunnel = IkeTunnel(config, device)
@@ -813,6 +852,8 @@ async def run_config(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 device.name, setup.local_ip, where, len(setup.peers),
             )  # fmt: skip
             kw = {"tcp": tcp, "listener": socks[0] if tcp and socks else None}
+            if setup.transport == "raw":
+                kw["raw_sock"] = socks[2]
             async with trio.open_nursery() as n:
                 tunnel.glue = await n.start(
                     partial_run(device.fd, ep, s500, s4500, setup.local_ip, config.tap, **kw)

@@ -75,22 +75,26 @@ class Clock:
         return self.t
 
 
-def pair():
+def pair(raw: bool = False, b_ike_ip: str = "192.0.2.2"):
+    """Two glues: A initiates to B. ``raw``: ESP on a raw transport (id 2), no forced
+    encapsulation; ``b_ike_ip``: the address B believes it has (another one fakes a NAT)."""
     psk = os.urandom(32)
     clock = Clock()
     pa = PeerConfig(name="b", local_ts=["10.1.0.0/24"], remote_ts=["10.2.0.0/24"],
                     local_addr="192.0.2.1", remote_addr=("192.0.2.2", 500), psk=psk,
                     local_id=Identity.parse("a.example"))  # fmt: skip
     pb = PeerConfig(name="a", local_ts=["10.2.0.0/24"], remote_ts=["10.1.0.0/24"],
-                    local_addr="192.0.2.2", psk=psk,
+                    local_addr=b_ike_ip, psk=psk,
                     remote_id=Identity.parse("a.example"))  # fmt: skip
     wire: list = []
     glues = {}
     for ip, peer in (("192.0.2.1", pa), ("192.0.2.2", pb)):
         dp = FakeDp()
         dp.wire = wire
-        ep = Endpoint([peer], force_encap=True)
-        glues[ip] = IkeGlue(ep, dp, 1, lambda d, r, w=wire: w.append((500, r, d)), ip, clock=clock)
+        ep = Endpoint([peer], force_encap=not raw)
+        send500 = lambda d, r, w=wire: w.append((500, r, d))  # noqa: E731
+        local = b_ike_ip if ip == "192.0.2.2" else ip
+        glues[ip] = IkeGlue(ep, dp, 1, send500, local, clock=clock, esp=2 if raw else None)
         glues[ip].src = ip
     return glues["192.0.2.1"], glues["192.0.2.2"], wire, clock
 
@@ -191,6 +195,30 @@ def test_failed_initiations_back_off_and_success_resets():
     a.tick()
     pump(a, b, wire)  # B answers this time
     assert a.peers["b"].ike_sa and a.backoffs["b"].failures == 0
+
+
+def test_raw_esp_no_encapsulation_endpoints_without_port():
+    a, b, wire, clock = pair(raw=True)
+    a.start(a.ep.peers[0])
+    ports = []
+    for _ in range(20):
+        ports += [w[0] for w in wire]
+        pump(a, b, wire)
+    assert a.peers["b"].children and b.peers["a"].children
+    assert set(ports) == {500}, "IKE left port 500 although there is no NAT"
+    assert a.dp.endpoint(a.peers["b"].dp_peer) == ("192.0.2.2", 0)
+    assert b.dp.endpoint(b.peers["a"].dp_peer) == ("192.0.2.1", 0)
+
+
+def test_raw_esp_refuses_a_child_sa_behind_a_nat(caplog):
+    a, b, wire, clock = pair(raw=True, b_ike_ip="192.0.2.99")  # B's NAT-D sees a NAT
+    a.start(a.ep.peers[0])
+    for _ in range(20):
+        pump(a, b, wire)
+    assert not a.peers["b"].children and not b.peers["a"].children
+    assert a.dp.inbound == {} and b.dp.inbound == {}
+    assert a.stats.get("child_sa_refused_nat", 0) + b.stats.get("child_sa_refused_nat", 0) >= 1
+    assert "raw ESP cannot cross it" in caplog.text
 
 
 def pair_tcp():
@@ -378,7 +406,7 @@ def test_ikev2_file_errors_are_one_line(tmp_path, extra, message):
     assert "st0.toml:" in str(e.value)
 
 
-def test_ikev2_file_over_tcp(tmp_path):
+def test_ikev2_file_over_tcp_and_raw(tmp_path):
     psk = _key(tmp_path, "psk")
     peer = f'\n[[peer]]\nidentity = "b"\nallowed_ips = ["10.9.1.0/24"]\npsk_file = "{psk}"\n'
     # a responder peer: listens on TCP 4500 unless listen_port says otherwise
@@ -393,8 +421,14 @@ def test_ikev2_file_over_tcp(tmp_path):
     )
     assert tf.config.ike.peers[0].endpoint == ("198.51.100.7", 4500)
     assert tf.config.ike.listen_port is None
+    # raw ESP: IKE on UDP 500 (the endpoint's default port), ESP as protocol 50
+    tf = configfile.loads(
+        HEAD + 'transport = "raw"\n' + peer + 'endpoint = "198.51.100.7"\n', tmp_path / "c"
+    )
+    assert tf.config.transport == tf.config.ike.transport == "raw"
+    assert tf.config.ike.peers[0].endpoint == ("198.51.100.7", 500)
     for extra, message in (
-        ('transport = "raw"\n', 'use "udp"'),
+        ('transport = "gre"\n', 'use "udp"'),
         ('transport = "tcp"\nlisten_port = 70000\n', "port must be"),
     ):
         with pytest.raises(ConfigError) as e:

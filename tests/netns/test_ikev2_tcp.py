@@ -1,97 +1,32 @@
 """IKEv2 over TCP (RFC 8229), simpletun against simpletun (strongSwan 5.9 has no RFC 8229):
 `simpletun up FILE` with `transport = "tcp"` in two namespaces; ping, a SHA-256-checked
 transfer with a Child SA rekey inside it, the TCP connection killed and re-opened by the
-initiator with the IKE SA kept; the wire decoded by tshark (its tcpencap, isakmp and esp
-dissectors): the IKETCP prefix, lengths that count themselves, IKE_SA_INIT, ESP with our SPIs
-and no plaintext inner packet."""
+initiator with the IKE SA kept; the wire: the streams cut by the test's own decoder (the IKETCP
+prefix, lengths that count themselves) and every frame decoded by tshark's isakmp and esp
+dissectors (IKE_SA_INIT, IKE_AUTH, CREATE_CHILD_SA, INFORMATIONAL; ESP with our SPIs), no
+plaintext inner packet."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 
 import pytest
 from skipping import skip
 
-from simpletun import keys
-
+from .ikefiles import A_IN, B_IN, tshark_fields, up_pair
 from .lab import VETH_A, VETH_A_ADDR, VETH_B_ADDR, Capture, wait_until
 from .pcapwire import read_pcap, tcp_streams, write_udp_pcap
-from .tunnel import DEV, simpletun_cmd
 
 pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("tunnel_ready")]
 
-A_IN, B_IN = "10.254.1.1", "10.254.2.1"
 PORT = 4500
-
-
-def st(lab, ns, *args):
-    return lab.run(ns, [simpletun_cmd(), *args], check=False, timeout=40)
-
-
-def status(lab, ns) -> dict:
-    return json.loads(st(lab, ns, "status", DEV, "--json").stdout)
-
-
-def keyfile(path):
-    path.write_text(keys.encode_key(keys.generate_key()) + "\n")
-    path.chmod(0o600)
-
-
-def tshark_fields(pcap, *fields: str) -> list[list[str]]:
-    """tshark's own decoding of a capture: one row per packet, the fields' values."""
-    argv = ["tshark", "-n", "-r", str(pcap), "-T", "fields"]
-    argv += ["-E", "separator=|", "-E", "occurrence=a", "-E", "aggregator=,"]
-    for f in fields:
-        argv += ["-e", f]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True)
-    return [line.split("|") for line in p.stdout.splitlines()]
-
-
-def up_pair(lab, tmp_path, monkeypatch, rekey_time: int):
-    psk = tmp_path / "psk.key"
-    keyfile(psk)
-    resp = tmp_path / "a" / f"{DEV}.toml"
-    resp.parent.mkdir()
-    resp.write_text(
-        f'[interface]\nkey_exchange = "ikev2"\ntransport = "tcp"\naddress = ["{A_IN}/24"]\n'
-        f'listen_address = "{VETH_A_ADDR}"\nlocal_id = "a.example"\n\n'
-        f'[[peer]]\nname = "b"\nidentity = "b.example"\nallowed_ips = ["10.254.2.0/24"]\n'
-        f'psk_file = "{psk}"\n'
-    )
-    init = tmp_path / "b" / f"{DEV}.toml"
-    init.parent.mkdir()
-    init.write_text(
-        f'[interface]\nkey_exchange = "ikev2"\ntransport = "tcp"\naddress = ["{B_IN}/24"]\n'
-        f'listen_address = "{VETH_B_ADDR}"\nlocal_id = "b.example"\n\n'
-        f'[[peer]]\nname = "a"\nidentity = "a.example"\nendpoint = "{VETH_A_ADDR}"\n'
-        f'allowed_ips = ["10.254.1.0/24"]\npsk_file = "{psk}"\nrekey_time = {rekey_time}\n'
-    )
-    for ns, f, run in ((lab.ns_a, resp, "run-a"), (lab.ns_b, init, "run-b")):
-        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / run))
-        up = st(lab, ns, "up", str(f))
-        assert up.returncode == 0, up.stderr
-
-    def down():
-        for ns, run in ((lab.ns_b, "run-b"), (lab.ns_a, "run-a")):
-            monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / run))
-            st(lab, ns, "down", DEV)
-
-    def status_of(ns):
-        monkeypatch.setenv(
-            "SIMPLETUN_RUN_DIR", str(tmp_path / ("run-a" if ns == lab.ns_a else "run-b"))
-        )
-        return status(lab, ns)
-
-    return down, status_of
 
 
 def test_ikev2_over_tcp_ping_transfer_rekey_reconnect_and_wire(lab, tmp_path, monkeypatch):
     if shutil.which("tshark") is None:
         skip("tshark is not installed (scripts/setup.sh installs it)")
     cap = Capture(lab, lab.ns_a, VETH_A, tmp_path / "wire.pcap", f"tcp port {PORT}")
-    down, status_of = up_pair(lab, tmp_path, monkeypatch, rekey_time=4)
+    down, status_of = up_pair(lab, tmp_path, monkeypatch, "tcp", rekey_time=4)
     try:
         lab.wait_ping(lab.ns_b, A_IN, 20)
         sent, received, _ = lab.ping(lab.ns_b, A_IN, count=10, interval=0.05)
