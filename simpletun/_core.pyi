@@ -136,7 +136,15 @@ class DataPlane:
         esn: bool = False,
     ) -> None: ...
     def set_outbound_sa(
-        self, peer: int, spi: int, enc_key: bytes, auth_key: bytes, *, esn: bool = False
+        self,
+        peer: int,
+        spi: int,
+        enc_key: bytes,
+        auth_key: bytes,
+        *,
+        esn: bool = False,
+        soft_packets: int | None = None,
+        soft_bytes: int | None = None,
     ) -> None: ...
     def clear_outbound_sa(self, peer: int) -> None: ...
     def remove_inbound_sa(self, spi: int, grace: float = 0.0) -> None: ...

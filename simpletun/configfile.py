@@ -48,6 +48,7 @@ from simpletun.config import (
     check_ifname,
     check_mtu,
     check_port,
+    check_rekey_limit,
     check_route,
     default_mtu,
 )
@@ -90,10 +91,12 @@ PEER_KEYS = {
     "rekey_time": int,
     "ike_rekey_time": int,
     "dpd_delay": int,
+    "rekey_packets": int,
+    "rekey_bytes": int,
 }
 IKE_ONLY_PEER_KEYS = (
     "identity", "auth", "psk_file", "public_key", "local_ips", "rekey_time", "ike_rekey_time",
-    "dpd_delay",
+    "dpd_delay", "rekey_packets", "rekey_bytes",
 )  # fmt: skip
 KEY_EXCHANGES = ("psk", "ikev2")
 TRANSPORTS = ("tcp", "udp", "raw")
@@ -504,6 +507,9 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
                 if not 1 <= p[key] <= 86400 * 7:
                     raise w.error("peer", key, f"must be 1-604800 seconds, got {p[key]}", i)
                 times[key] = p[key]
+        for key in ("rekey_packets", "rekey_bytes"):
+            if key in p:
+                times[key] = check(key, lambda v, k=key: check_rekey_limit(k, v), p[key], "peer", i)
         if "persistent_keepalive" in p and not 1 <= p["persistent_keepalive"] <= 3600:
             raise w.error("peer", "persistent_keepalive", "must be 1-3600 seconds", i)
         specs.append(

@@ -355,7 +355,12 @@ class IkeGlue:
             self.on_sa_change()
 
     def _switch_out(self, st: PeerState, a: InstallChildSa) -> None:
-        self.dp.set_outbound_sa(st.dp_peer, a.spi_out, a.enc_out, a.auth_out, esn=a.suite.esn)
+        p = st.config
+        limits = {k: v for k, v in (("soft_packets", p.rekey_packets),
+                                    ("soft_bytes", p.rekey_bytes)) if v is not None}  # fmt: skip
+        self.dp.set_outbound_sa(
+            st.dp_peer, a.spi_out, a.enc_out, a.auth_out, esn=a.suite.esn, **limits
+        )
         for v in st.children.values():
             v.outbound = v.spi_in == a.spi_in
 
@@ -678,6 +683,8 @@ class IkePeerSpec:
     rekey_time: int | None = None  # Child SA soft lifetime, seconds
     ike_rekey_time: int | None = None
     dpd_delay: int | None = None
+    rekey_packets: int | None = None  # outbound Child SA soft limits (the data plane's)
+    rekey_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -712,6 +719,8 @@ def peer_config(setup: IkeSetup, sp: IkePeerSpec) -> PeerConfig:
         ike_rekey_time=sp.ike_rekey_time,
         rand_time=min(60.0, (sp.rekey_time or 0) / 10),
         dpd_delay=sp.dpd_delay,
+        rekey_packets=sp.rekey_packets,
+        rekey_bytes=sp.rekey_bytes,
         **kw,
     )
 

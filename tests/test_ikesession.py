@@ -41,8 +41,9 @@ class FakeDp:
         self.calls.append(("in", spi))
         self.inbound[spi] = peer
 
-    def set_outbound_sa(self, peer, spi, enc, auth, esn=False):
+    def set_outbound_sa(self, peer, spi, enc, auth, esn=False, **limits):
         self.calls.append(("out", spi))
+        self.limits = limits
         self.outbound[peer] = spi
 
     def clear_outbound_sa(self, peer):
@@ -195,6 +196,19 @@ def test_failed_initiations_back_off_and_success_resets():
     a.tick()
     pump(a, b, wire)  # B answers this time
     assert a.peers["b"].ike_sa and a.backoffs["b"].failures == 0
+
+
+def test_peer_soft_limits_go_with_every_outbound_sa():
+    a, b, wire, clock = pair()
+    a.peers["b"].config.rekey_packets = 5000
+    a.peers["b"].config.rekey_bytes = 1 << 20
+    a.start(a.ep.peers[0])
+    pump(a, b, wire)
+    assert a.dp.limits == {"soft_packets": 5000, "soft_bytes": 1 << 20}
+    assert b.dp.limits == {}  # B's peer has none: the data plane's own limits apply
+    a.on_event(("sa_limit", a.peers["b"].dp_peer, a.dp.outbound[a.peers["b"].dp_peer], 5000, 0))
+    pump(a, b, wire)
+    assert a.dp.limits == {"soft_packets": 5000, "soft_bytes": 1 << 20}  # the rekeyed SA too
 
 
 def test_raw_esp_no_encapsulation_endpoints_without_port():
@@ -427,6 +441,20 @@ def test_ikev2_file_over_tcp_and_raw(tmp_path):
     )
     assert tf.config.transport == tf.config.ike.transport == "raw"
     assert tf.config.ike.peers[0].endpoint == ("198.51.100.7", 500)
+    # soft limits per peer
+    tf = configfile.loads(
+        HEAD + peer + "rekey_packets = 100000\nrekey_bytes = 1073741824\n", tmp_path / "d"
+    )
+    sp = tf.config.ike.peers[0]
+    assert (sp.rekey_packets, sp.rekey_bytes) == (100000, 1 << 30)
+    for bad, message in (
+        ("rekey_packets = 0", "rekey_packets must be 1-"),
+        ("rekey_bytes = -5", "rekey_bytes must be 1-"),
+        ('rekey_bytes = "1G"', "rekey_bytes"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            configfile.loads(HEAD + peer + bad + "\n", tmp_path / "st0.toml")
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     for extra, message in (
         ('transport = "gre"\n', 'use "udp"'),
         ('transport = "tcp"\nlisten_port = 70000\n', "port must be"),

@@ -96,6 +96,10 @@ class PeerConfig:
     ike_rekey_time: float | None = None
     rand_time: float = 0.0  # rekeys happen up to this many seconds early (random)
     dpd_delay: float | None = None
+    # soft limits of each outbound Child SA: the data plane's to watch (the driver passes them
+    # on with the SA and rekeys on its "sa_limit" event); the machine does not use them
+    rekey_packets: int | None = None
+    rekey_bytes: int | None = None
     retransmit_base: float = 1.0
     retransmit_tries: int = 5
     initial_contact: bool = True

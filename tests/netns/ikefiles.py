@@ -39,7 +39,7 @@ def tshark_fields(pcap, *fields: str) -> list[list[str]]:
 
 def up_pair(
     lab, tmp_path, monkeypatch, transport: str, *, rekey_time: int = 3600,
-    addrs: tuple[str, str] = (VETH_A_ADDR, VETH_B_ADDR),
+    addrs: tuple[str, str] = (VETH_A_ADDR, VETH_B_ADDR), extra_b: str = "",
 ):  # fmt: skip
     """`simpletun up` of two IKEv2 files: A responds (peer "b"), B initiates to A (peer "a");
     inner A_IN/24 and B_IN/24; returns (down(), status_of(ns))."""
@@ -61,7 +61,7 @@ def up_pair(
         f'[interface]\nkey_exchange = "ikev2"\ntransport = "{transport}"\naddress = ["{B_IN}/24"]\n'
         f'listen_address = "{b_ip}"\nlocal_id = "b.example"\n\n'
         f'[[peer]]\nname = "a"\nidentity = "a.example"\nendpoint = "{ep}"\n'
-        f'allowed_ips = ["10.254.1.0/24"]\npsk_file = "{psk}"\nrekey_time = {rekey_time}\n'
+        f'allowed_ips = ["10.254.1.0/24"]\npsk_file = "{psk}"\nrekey_time = {rekey_time}\n{extra_b}'
     )
     for ns, f, run in ((lab.ns_a, resp, "run-a"), (lab.ns_b, init, "run-b")):
         monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / run))

@@ -94,3 +94,27 @@ def test_ikev2_transports_and_outer_families(lab_factory, tmp_path, monkeypatch,
     else:
         assert all(r["udp.srcport"] == r["udp.dstport"] == "4500" for r in esp), esp[:3]
         assert {"34", "35"} <= {r["isakmp.exchangetype"] for r in ike}
+
+
+def test_rekey_packets_from_the_file_rekeys_during_a_transfer(lab, tmp_path, monkeypatch):
+    """A peer's `rekey_packets` reaches the data plane: an 8 MiB transfer (some 6000 packets
+    each way) rekeys the Child SA every 2000 packets, and nothing is lost or rejected."""
+    down, status_of = up_pair(lab, tmp_path, monkeypatch, "udp", extra_b="rekey_packets = 2000\n")
+    try:
+        lab.wait_ping(lab.ns_b, A_IN, 20)
+        first = {c["spi_out"] for c in status_of(lab.ns_b)["peers"][0]["child_sas"]}
+        tx, rx = lab.tcp_transfer((lab.ns_b, B_IN), (lab.ns_a, A_IN), 8 << 20, port=5304)
+        assert tx == rx
+        sent, received, _ = lab.ping(lab.ns_b, A_IN, count=10, interval=0.05)
+        assert (sent, received) == (10, 10)
+        (pb,) = status_of(lab.ns_b)["peers"]
+        now = {c["spi_out"] for c in pb["child_sas"]}
+        assert now and not now & first, "no rekey from rekey_packets"
+        out = [c for c in pb["child_sas"] if c["outbound"]]
+        # the outbound SA in use carried a fraction of what the peer sent: rekeyed on the way
+        assert out and out[0]["seq_out"] * 2 < pb["tx_packets"], (out, pb["tx_packets"])
+        for s in (status_of(lab.ns_a), status_of(lab.ns_b)):
+            drops = s["peers"][0]["drops"]
+            assert not {k for k in drops if "auth" in k or "replay" in k or "no_sa" in k}, drops
+    finally:
+        down()

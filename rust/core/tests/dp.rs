@@ -368,6 +368,52 @@ fn sa_near_its_limit_is_reported_once() {
     );
 }
 
+/// Per-SA soft limits (a peer's rekey_packets / rekey_bytes): each SA fires at its own limit,
+/// never above the data plane's, and a new SA starts counting afresh.
+#[test]
+fn per_sa_soft_limits_fire_at_their_own_threshold() {
+    let net = FakeNet::new();
+    let dev = Arc::new(FakeDevice::new(Kind::Tun).unwrap());
+    let cfg = DpConfig {
+        soft_seq: 5,
+        ..DpConfig::default()
+    };
+    let dp = DataPlane::start(dev.clone(), cfg).unwrap();
+    let tr = dp
+        .add_transport(net.bind(addr("10.1.1.1:4500"), TransportKind::Udp).unwrap())
+        .unwrap();
+    let p = dp
+        .add_peer(tr, &[pfx("0.0.0.0/0")], Some(addr("10.1.1.2:4500")))
+        .unwrap();
+    let send = |n: u64, total: u64| {
+        for i in 0..n {
+            dev.inject(&ipv4([1, 1, 1, 1], [2, 2, 2, 2], i));
+        }
+        eventually("sent", || get(dp.totals(), "tx_packets") == total);
+    };
+    // A packet limit of 2.
+    dp.set_outbound_sa_with_limits(p, Some(sa(0x3001, 1)), Some(2), None)
+        .unwrap();
+    send(4, 4);
+    let want = |spi, seq, bytes| Event::SaLimit {
+        peer: p,
+        spi,
+        seq,
+        bytes,
+    };
+    assert_eq!(dp.take_events(10), vec![want(0x3001, 2, 120)]);
+    // A byte limit of 150 inner bytes (each packet has 60).
+    dp.set_outbound_sa_with_limits(p, Some(sa(0x3002, 2)), None, Some(150))
+        .unwrap();
+    send(4, 8);
+    assert_eq!(dp.take_events(10), vec![want(0x3002, 3, 180)]);
+    // A limit above the data plane's: the data plane's applies.
+    dp.set_outbound_sa_with_limits(p, Some(sa(0x3003, 3)), Some(1000), None)
+        .unwrap();
+    send(6, 14);
+    assert_eq!(dp.take_events(10), vec![want(0x3003, 5, 300)]);
+}
+
 #[test]
 fn control_messages_both_ways_and_keepalives() {
     let (net, server, clients) = star(1);

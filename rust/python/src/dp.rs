@@ -213,8 +213,11 @@ impl PyDataPlane {
         self.dp.add_inbound_sa(peer, sa).map_err(dp_error)
     }
 
-    /// Make this the peer's outbound SA (the previous one is wiped).
-    #[pyo3(signature = (peer, spi, enc_key, auth_key, *, esn=false))]
+    /// Make this the peer's outbound SA (the previous one is wiped). `soft_packets` /
+    /// `soft_bytes`: this SA's own soft limits for the "sa_limit" event (at most the data
+    /// plane's soft_seq / soft_bytes, which apply when None).
+    #[pyo3(signature = (peer, spi, enc_key, auth_key, *, esn=false, soft_packets=None, soft_bytes=None))]
+    #[allow(clippy::too_many_arguments)]
     fn set_outbound_sa(
         &self,
         peer: u32,
@@ -222,10 +225,14 @@ impl PyDataPlane {
         enc_key: &[u8],
         auth_key: &[u8],
         esn: bool,
+        soft_packets: Option<u64>,
+        soft_bytes: Option<u64>,
     ) -> PyResult<()> {
         let sa = SecurityAssociation::new(spi, enc_key, auth_key, DEFAULT_REPLAY_WINDOW, esn)
             .map_err(errors::sa_config_error)?;
-        self.dp.set_outbound_sa(peer, Some(sa)).map_err(dp_error)
+        self.dp
+            .set_outbound_sa_with_limits(peer, Some(sa), soft_packets, soft_bytes)
+            .map_err(dp_error)
     }
 
     fn clear_outbound_sa(&self, peer: u32) -> PyResult<()> {
