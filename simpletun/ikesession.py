@@ -37,6 +37,7 @@ from simpletun._errors import SimpletunError
 from simpletun.ike import (
     Endpoint,
     IkeSaDown,
+    IkeSaRekeyed,
     IkeSaUp,
     InstallChildSa,
     PeerConfig,
@@ -315,6 +316,10 @@ class IkeGlue:
                     delay = self._backoff(a.peer).next()
                     log.info("initiating to %s again in %.1f s", a.peer, delay)
                     self.down_initiators[a.peer] = self.clock() + delay
+        elif isinstance(a, IkeSaRekeyed):
+            st = self.peers.get(a.peer)
+            if st is not None and st.ike_sa == a.old:
+                st.ike_sa = a.new  # the peer's IKE SA is the new one now (RFC 7296 2.18)
         elif isinstance(a, InstallChildSa):
             self._install(a)
         elif isinstance(a, RemoveChildSa):
@@ -387,6 +392,20 @@ class IkeGlue:
 
     def receive(self, data: bytes, local_port: int, remote: tuple[str, int]) -> None:
         self.handle(self.ep.receive(data, (self.local_ip, local_port), remote, self.clock()))
+        if self.stream:
+            self._follow_stream(tuple(remote))
+
+    def _follow_stream(self, remote: tuple) -> None:
+        """An IKE SA that now lives on the connection ``remote`` (it followed an authenticated
+        message there, e.g. the DPD after a reconnect) takes its peer's ESP along at once,
+        not only once the peer's first ESP packet arrives on it."""
+        for sa in self.ep.sas.values():
+            if sa.remote != remote or sa.peer is None or sa.state == "dead":
+                continue
+            st = self.peers.get(sa.peer.name)
+            if st is not None and st.children:
+                if self.dp.endpoint(st.dp_peer) != remote:
+                    self.dp.set_endpoint(st.dp_peer, remote)
 
     def on_event(self, ev) -> None:
         kind = ev[0]
@@ -633,6 +652,8 @@ async def run(
                                 dp.send_control(udp, a.remote, a.data)
                             except SimpletunError:
                                 pass
+                        elif isinstance(a, Send) and sock500 is not None:  # raw: IKE on 500
+                            send500(a.data, a.remote)
             await trio.to_thread.run_sync(dp.stop)
 
 
@@ -802,6 +823,10 @@ class IkeTunnel:
             "addresses": [str(a) for a in c.addresses],
             "up": any(p["child_sas"] for p in peers),
             "peers": peers,
+            # the IKE endpoint's drop/event counters and the driver's (TCP connections)
+            "ike_counters": (
+                {**self.glue.ep.stats, **self.glue.stats} if self.glue is not None else {}
+            ),
         }
 
     def apply_peers(self, setup: IkeSetup) -> dict:

@@ -303,6 +303,8 @@ def test_tcp_reconnect_keeps_the_ike_sa_and_the_responder_follows():
     assert (a.peers["b"].ike_sa, b.peers["a"].ike_sa) == (sa_a, sa_b)
     (ike_b,) = b.ep.find("a")
     assert ike_b.remote == (a.src, 40001)
+    # and B's ESP goes to the new connection at once (not only after A's first ESP packet)
+    assert b.dp.endpoint(b.peers["a"].dp_peer) == (a.src, 40001)
     # a connection that never carries an IKE SA is closed after STREAM_IDLE; the used one stays
     assert b.accepted(("203.0.113.9", 5555))
     clock.t += ikesession.STREAM_IDLE + 1
@@ -354,6 +356,20 @@ def test_tcp_connect_failures_back_off():
         clock.t = a.want_connect["b"]
     assert delays == [1.0, 2.0, 4.0, 4.0] and not wire
     assert a.stats["tcp_connect_failed"] == 4
+
+
+def test_ike_sa_rekey_moves_the_peer_to_the_new_sa_and_its_loss_reinitiates():
+    a, b, wire, clock = pair()
+    a.start(a.ep.peers[0])
+    pump(a, b, wire)
+    (old,) = a.ep.find("b")
+    a.handle(a.ep.rekey_ike(old, clock()))
+    pump(a, b, wire)
+    (new,) = a.ep.find("b")
+    assert new.name != old.name and a.peers["b"].ike_sa == new.name
+    a.handle(a.ep.delete_ike(new, clock()))
+    pump(a, b, wire)
+    assert "b" in a.down_initiators  # the rekeyed SA going down is noticed too
 
 
 def write(tmp: Path, body: str) -> Path:

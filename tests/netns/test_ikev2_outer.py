@@ -91,6 +91,8 @@ def test_ikev2_transports_and_outer_families(lab_factory, tmp_path, monkeypatch,
         assert all(r[proto] == "50" and not r["udp.srcport"] for r in esp), esp[:3]
         assert ike and all(r["udp.srcport"] == r["udp.dstport"] == "500" for r in ike), ike
         assert not [r for r in ours if "4500" in (r["udp.srcport"], r["udp.dstport"])]
+        # `down` tells the peer with an INFORMATIONAL Delete, on port 500 too
+        assert "37" in {r["isakmp.exchangetype"] for r in ike}, "no Delete on shutdown"
     else:
         assert all(r["udp.srcport"] == r["udp.dstport"] == "4500" for r in esp), esp[:3]
         assert {"34", "35"} <= {r["isakmp.exchangetype"] for r in ike}
