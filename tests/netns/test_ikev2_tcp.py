@@ -116,3 +116,89 @@ def test_ikev2_over_tcp_ping_transfer_rekey_reconnect_and_wire(lab, tmp_path, mo
     # between the tunnel addresses.
     inner = bytes([10, 254, 2, 1]) + bytes([10, 254, 1, 1])
     assert all(inner not in s.data for s in streams)
+
+
+def test_one_tcp_responder_many_initiators(lab, tmp_path, monkeypatch):
+    """Three `simpletun up` initiators (each its own address, identity, PSK and prefix) over TCP
+    to one responder with three peers: each pings through its own Child SA on its own
+    connection; the responder's status shows three endpoints on TCP, and killing one peer's
+    connection leaves the other two untouched."""
+    import json
+
+    from simpletun import keys
+
+    from .tunnel import simpletun_cmd
+
+    def cmd(ns, *args):
+        return lab.run(ns, [simpletun_cmd(), *args], check=False, timeout=40)
+
+    resp = tmp_path / "a" / "st0.toml"
+    resp.parent.mkdir()
+    head = (
+        '[interface]\nkey_exchange = "ikev2"\ntransport = "tcp"\n'
+        'address = ["10.254.1.1/24", "10.254.1.2/24", "10.254.1.3/24"]\n'
+        f'listen_address = "{VETH_A_ADDR}"\nlocal_id = "gw.example"\n'
+    )
+    text = head
+    inits = []
+    for i in (1, 2, 3):
+        psk = tmp_path / f"p{i}.key"
+        psk.write_text(keys.encode_key(keys.generate_key()) + "\n")
+        psk.chmod(0o600)
+        ip = VETH_B_ADDR if i == 1 else f"10.250.0.{10 + i}"
+        if i > 1:
+            lab.run(lab.ns_b, ["ip", "addr", "add", f"{ip}/24", "dev", "veth-b"])
+        text += (
+            f'\n[[peer]]\nname = "p{i}"\nidentity = "p{i}.example"\n'
+            f'allowed_ips = ["10.254.{10 + i}.0/24"]\nlocal_ips = ["10.254.1.{i}/32"]\n'
+            f'psk_file = "{psk}"\n'
+        )
+        f = tmp_path / "b" / f"st{i}.toml"
+        f.parent.mkdir(exist_ok=True)
+        f.write_text(
+            f'[interface]\nname = "st{i}"\nkey_exchange = "ikev2"\ntransport = "tcp"\n'
+            f'address = ["10.254.{10 + i}.1/24"]\nlisten_address = "{ip}"\n'
+            f'local_id = "p{i}.example"\n\n[[peer]]\nname = "gw"\nidentity = "gw.example"\n'
+            f'endpoint = "{VETH_A_ADDR}"\nallowed_ips = ["10.254.1.{i}/32"]\npsk_file = "{psk}"\n'
+        )
+        inits.append((f"st{i}", f, ip))
+    resp.write_text(text)
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+    assert cmd(lab.ns_a, "up", str(resp)).returncode == 0
+    monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-b"))
+    try:
+        for _name, f, _ip in inits:
+            up = cmd(lab.ns_b, "up", str(f))
+            assert up.returncode == 0, up.stderr
+        for i in (1, 2, 3):
+            lab.wait_ping(lab.ns_b, f"10.254.1.{i}", 20)
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+        s = json.loads(cmd(lab.ns_a, "status", "st0", "--json").stdout)
+        peers = {p["name"]: p for p in s["peers"]}
+        assert set(peers) == {"p1", "p2", "p3"}
+        eps = {p["endpoint"].rpartition(":")[0] for p in peers.values()}
+        assert eps == {VETH_B_ADDR, "10.250.0.12", "10.250.0.13"}, eps
+        assert all(p["child_sas"] for p in peers.values()), peers
+        assert s["ike_counters"]["tcp_accepted"] >= 3, s["ike_counters"]
+        sa_of = {n: p["ike_sa"] for n, p in peers.items()}
+        # p2's connection is killed: p2 reconnects, p1 and p3 keep theirs
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-b"))
+        kill = lab.run(lab.ns_b, ["ss", "-K", "src", "10.250.0.12", "dport", "=", "4500"])
+        assert "10.250.0.12" in kill.stdout.decode(), kill.stdout
+        for i in (1, 2, 3):
+            lab.wait_ping(lab.ns_b, f"10.254.1.{i}", 20)
+            sent, received, _ = lab.ping(lab.ns_b, f"10.254.1.{i}", count=5, interval=0.05)
+            assert (sent, received) == (5, 5), i
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+        s2 = json.loads(cmd(lab.ns_a, "status", "st0", "--json").stdout)
+        peers2 = {p["name"]: p for p in s2["peers"]}
+        assert {n: p["ike_sa"] for n, p in peers2.items()} == sa_of
+        assert peers2["p1"]["endpoint"] == peers["p1"]["endpoint"]
+        assert peers2["p3"]["endpoint"] == peers["p3"]["endpoint"]
+        assert peers2["p2"]["endpoint"] != peers["p2"]["endpoint"]
+    finally:
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-b"))
+        for name, _f, _ip in inits:
+            cmd(lab.ns_b, "down", name)
+        monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run-a"))
+        cmd(lab.ns_a, "down", "st0")
