@@ -64,8 +64,8 @@ Usage:
   --addr CIDR      address the device, e.g. 10.0.0.1/24 (may be repeated)
   --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU} over TCP; over udp/raw the
                    outer path's MTU less the ESP overhead, e.g. 1422 / 1438 on a 1500 path)
-  --transport T    tcp (default), udp (ESP-in-UDP, RFC 3948) or raw (ESP, IP protocol 50;
-                   handshake over UDP); both ends must agree
+  --transport T    tcp (default; udp with --key-exchange ikev2), udp (ESP-in-UDP, RFC 3948) or
+                   raw (ESP, IP protocol 50; handshake over UDP); both ends must agree
   --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
   --key-exchange K psk (default: simpletun's own handshake) or ikev2 (RFC 7296 on UDP 500/4500,
                    ESP-in-UDP; --key is the IKE pre-shared key; a server needs --listen);
