@@ -243,6 +243,8 @@ class IkeGlue:
 
     def _closed(self, addr: tuple, reason: str) -> None:
         self.count("tcp_closed")
+        if "IKETCP" in reason:  # the data plane refused a stream without the RFC 8229 prefix
+            self.count("tcp_bad_prefix")
         self.streams.pop(addr, None)
         for name, st in self.peers.items():
             ra = st.config.remote_addr

@@ -312,6 +312,8 @@ def test_tcp_reconnect_keeps_the_ike_sa_and_the_responder_follows():
     assert ("rm_tcp", ("203.0.113.9", 5555)) in b.dp.calls
     assert ("rm_tcp", (a.src, 40001)) not in b.dp.calls
     assert b.stats["tcp_idle_closed"] == 1
+    b.on_event(("closed", 1, ("203.0.113.7", 7), "the stream did not start with the IKETCP prefix"))
+    assert b.stats["tcp_bad_prefix"] == 1 and b.peers["a"].ike_sa == sa_b
 
 
 def test_tcp_responder_lost_state_means_a_new_ike_sa(monkeypatch):
