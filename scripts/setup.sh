@@ -9,6 +9,7 @@ APT_PACKAGES=(iperf3 tcpdump iproute2 iputils-ping openssl procps)
 # tests/systemd: a real systemd as PID 1 of a lab (systemd), unshare/nsenter/setpriv (util-linux), script (bsdutils)
 APT_PACKAGES+=(systemd util-linux bsdutils)
 APT_PACKAGES+=(strace) # tests/xfrm/capture.py: what `ip xfrm` sends, as reference vectors
+APT_PACKAGES+=(tshark) # tests/netns/test_ikev2_tcp.py: IKE and ESP decoded by an independent dissector
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -81,9 +81,16 @@ class DataPlane:
     def add_udp(self, sock_fd: int) -> int: ...
     def add_raw_esp(self, sock_fd: int) -> int: ...
     def add_tcp(
-        self, max_frame: int = 65535, *, plaintext: bool = False, control: bool = True
+        self,
+        max_frame: int = 65535,
+        *,
+        plaintext: bool = False,
+        control: bool = True,
+        rfc8229: bool = False,
     ) -> int: ...
-    def add_tcp_connection(self, transport: int, sock_fd: int, endpoint: Endpoint) -> None: ...
+    def add_tcp_connection(
+        self, transport: int, sock_fd: int, endpoint: Endpoint, *, opened_by_us: bool = False
+    ) -> None: ...
     def remove_tcp_connection(self, transport: int, endpoint: Endpoint) -> bool: ...
     def add_peer(
         self, transport: int, allowed: Sequence[str], endpoint: Endpoint | None = None
@@ -102,7 +109,15 @@ class DataPlane:
         esn: bool = False,
     ) -> None: ...
     def set_outbound_sa(
-        self, peer: int, spi: int, enc_key: bytes, auth_key: bytes, *, esn: bool = False
+        self,
+        peer: int,
+        spi: int,
+        enc_key: bytes,
+        auth_key: bytes,
+        *,
+        esn: bool = False,
+        soft_packets: int | None = None,
+        soft_bytes: int | None = None,
     ) -> None: ...
     def clear_outbound_sa(self, peer: int) -> None: ...
     def remove_inbound_sa(self, spi: int, grace: float = 0.0) -> None: ...

@@ -64,11 +64,13 @@ Usage:
   --addr CIDR      address the device, e.g. 10.0.0.1/24 (may be repeated)
   --mtu N          device MTU, {MIN_MTU}-{MAX_MTU} (default {DEFAULT_MTU} over TCP; over udp/raw the
                    outer path's MTU less the ESP overhead, e.g. 1422 / 1438 on a 1500 path)
-  --transport T    tcp (default), udp (ESP-in-UDP, RFC 3948) or raw (ESP, IP protocol 50;
-                   handshake over UDP); both ends must agree
+  --transport T    tcp (default; udp with --key-exchange ikev2), udp (ESP-in-UDP, RFC 3948) or
+                   raw (ESP, IP protocol 50; handshake over UDP); both ends must agree
   --listen ADDR    server: accept clients on this address only (e.g. 192.0.2.1, [fd00::1])
   --key-exchange K psk (default: simpletun's own handshake) or ikev2 (RFC 7296 on UDP 500/4500,
-                   ESP-in-UDP; --key is the IKE pre-shared key; a server needs --listen)
+                   ESP-in-UDP; --key is the IKE pre-shared key; a server needs --listen);
+                   with --transport tcp: IKE and ESP over TCP (RFC 8229), -p port (4500);
+                   with --transport raw: ESP as IP protocol 50, IKE on UDP 500
   --dataplane DP   userspace (default) or kernel: ESP in the Linux kernel (xfrm, an xfrm
                    interface carries the routes; udp/raw only, needs --manual-keys)
   --manual-keys F  manual key file (SPIs + keys per direction; same file on both ends)
@@ -186,7 +188,7 @@ def _parser() -> _Parser:
     p.add_argument("--mtu", type=_mtu, default=None)
     p.add_argument("--route", dest="routes", type=_route, action="append", default=[])
     p.add_argument("--listen", dest="listen", type=_host)
-    p.add_argument("--transport", type=_transport, default="tcp")
+    p.add_argument("--transport", type=_transport, default=None)
     p.add_argument("--key-exchange", dest="key_exchange", default="psk")
     p.add_argument("--dataplane", type=_dataplane, default="userspace")
     p.add_argument("--manual-keys", dest="manual_keys")
@@ -233,22 +235,27 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
                 "--key-exchange ikev2 keys the userspace data plane in this version: "
                 "drop --dataplane kernel and --manual-keys"
             )
-        if ns.port is not None or ns.transport != "tcp" or ns.cipher is not None:
+        transport = ns.transport or "udp"
+        if ns.cipher is not None or (ns.port is not None and transport != "tcp"):
             raise UsageError(
-                "--key-exchange ikev2 runs on UDP 500/4500 with negotiated ciphers: "
-                "drop -p, --transport and --cipher"
+                "--key-exchange ikev2 negotiates its ciphers and runs on UDP 500/4500: drop "
+                "--cipher, and -p unless --transport tcp"
             )
         if ns.server and ns.listen is None:
             raise UsageError("--key-exchange ikev2 -s needs --listen ADDR (this host's IP)")
-        ike = cli_setup(ns.server, ns.host, ns.listen, key, tuple(ns.routes))
-        ns.transport, ns.port = "udp", ESP_IN_UDP_PORT
+        ike = cli_setup(ns.server, ns.host, ns.listen, key, tuple(ns.routes),
+                        transport=transport, port=ns.port)  # fmt: skip
+        ns.port = ESP_IN_UDP_PORT
+        if transport == "tcp":
+            ns.port = ike.listen_port or ike.peers[0].endpoint[1]
         if ns.mtu is None:
-            ns.mtu = default_mtu("udp", ns.host or ns.listen, tap=ns.tap, server=True)
+            ns.mtu = default_mtu(transport, ns.host or ns.listen, tap=ns.tap, server=True)
         return Config(
             server=True, ifname=ns.ifname, host=ike.local_ip, port=ns.port, tap=ns.tap,
-            mtu=ns.mtu, addresses=tuple(ns.addrs), routes=tuple(ns.routes), transport="udp",
+            mtu=ns.mtu, addresses=tuple(ns.addrs), routes=tuple(ns.routes), transport=transport,
             ike=ike,
         ), ns.debug  # fmt: skip
+    ns.transport = ns.transport or "tcp"
     if ns.port is None:
         ns.port = DEFAULT_PORT if ns.transport == "tcp" else ESP_IN_UDP_PORT
     if ns.mtu is None:

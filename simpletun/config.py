@@ -135,6 +135,21 @@ def check_cipher(name: str) -> str:
     return name
 
 
+# Soft limits of a Child SA's outbound traffic (rekey_packets / rekey_bytes): the data plane
+# starts a rekey there (and anyway before sequence numbers run out).
+MAX_REKEY_PACKETS = 2**63
+MAX_REKEY_BYTES = 2**63
+
+
+def check_rekey_limit(name: str, value: int) -> int:
+    """``rekey_packets`` (packets sent on the outbound SA) or ``rekey_bytes`` (inner bytes)."""
+    top = MAX_REKEY_PACKETS if name == "rekey_packets" else MAX_REKEY_BYTES
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+        what = "packets" if name == "rekey_packets" else "bytes"
+        raise ConfigError(f"{name} must be 1-{top} ({what} on an outbound SA), got {value!r}")
+    return value
+
+
 def check_address(text: str) -> Address:
     example = "like 10.0.0.1/24 or fd00::1/64"
     if "/" not in text:

@@ -48,6 +48,7 @@ from simpletun.config import (
     check_ifname,
     check_mtu,
     check_port,
+    check_rekey_limit,
     check_route,
     default_mtu,
 )
@@ -90,10 +91,12 @@ PEER_KEYS = {
     "rekey_time": int,
     "ike_rekey_time": int,
     "dpd_delay": int,
+    "rekey_packets": int,
+    "rekey_bytes": int,
 }
 IKE_ONLY_PEER_KEYS = (
     "identity", "auth", "psk_file", "public_key", "local_ips", "rekey_time", "ike_rekey_time",
-    "dpd_delay",
+    "dpd_delay", "rekey_packets", "rekey_bytes",
 )  # fmt: skip
 KEY_EXCHANGES = ("psk", "ikev2")
 TRANSPORTS = ("tcp", "udp", "raw")
@@ -403,17 +406,21 @@ def _device(w: _Where, path: Path, iface: dict, check) -> tuple[str, str, tuple]
 def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> TunnelFile:
     """A tunnel keyed by IKEv2: many [[peer]] tables, each with its identity and auth."""
     from simpletun.ike.keys import load_public_key
-    from simpletun.ikesession import IkePeerSpec, IkeSetup
+    from simpletun.ikesession import TCP_PORT, IkePeerSpec, IkeSetup
 
+    transport = iface.get("transport", "udp")
+    if transport not in ("udp", "tcp", "raw"):
+        raise w.error(
+            "interface", "transport",
+            f'IKEv2 tunnels use "udp" (ESP-in-UDP, UDP 500/4500), "tcp" (IKE and ESP over '
+            f'TCP, RFC 8229) or "raw" (ESP as IP protocol 50, IKE on UDP 500), got {transport!r}',
+        )  # fmt: skip
     for key in ("key_file", "plaintext", "cipher", "listen_port"):
-        if key in iface:
+        if key in iface and not (key == "listen_port" and transport == "tcp"):
             raise w.error(
                 "interface", key, 'does not apply to key_exchange = "ikev2" (IKE uses UDP 500 '
-                "and 4500; keys are per [[peer]])",
+                "and 4500, or with transport = \"tcp\" listen_port; keys are per [[peer]])",
             )  # fmt: skip
-    transport = iface.get("transport", "udp")
-    if transport != "udp":
-        raise w.error("interface", "transport", 'IKEv2 tunnels use "udp" (ESP-in-UDP, 4500)')
     if iface.get("dataplane", "userspace") != "userspace":
         raise w.error(
             "interface", "dataplane",
@@ -446,7 +453,7 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
         endpoint = None
         if "endpoint" in p:
             host, port = check("endpoint", parse_endpoint, p["endpoint"], "peer", i)
-            endpoint = (host, port or 500)
+            endpoint = (host, port or (TCP_PORT if transport == "tcp" else 500))
         identity = p.get("identity")
         if identity is not None:
             check("identity", _check_identity, identity, "peer", i)
@@ -500,6 +507,9 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
                 if not 1 <= p[key] <= 86400 * 7:
                     raise w.error("peer", key, f"must be 1-604800 seconds, got {p[key]}", i)
                 times[key] = p[key]
+        for key in ("rekey_packets", "rekey_bytes"):
+            if key in p:
+                times[key] = check(key, lambda v, k=key: check_rekey_limit(k, v), p[key], "peer", i)
         if "persistent_keepalive" in p and not 1 <= p["persistent_keepalive"] <= 3600:
             raise w.error("peer", "persistent_keepalive", "must be 1-3600 seconds", i)
         specs.append(
@@ -508,16 +518,25 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
                 local_ips=local_ips, psk=psk, public_key=pub, **times,
             )
         )  # fmt: skip
-    setup = IkeSetup(local_ip, local_id, private, tuple(specs))
+    listen_port = None
+    if transport == "tcp":
+        # a responder listens (default TCP_PORT); initiators only need not
+        listen_port = iface.get("listen_port")
+        if listen_port is not None:
+            check("listen_port", check_port, listen_port)
+        elif any(sp.endpoint is None for sp in specs):
+            listen_port = TCP_PORT
+    setup = IkeSetup(local_ip, local_id, private, tuple(specs), transport, listen_port)
     routes = tuple(r for sp in specs for r in sp.allowed_ips)
     mtu = iface.get("mtu")
     if mtu is not None:
         check("mtu", check_mtu, mtu)
     config = Config(
-        server=True, ifname=name, host=local_ip, port=ESP_IN_UDP_PORT, tap=mode == "tap",
-        mtu=mtu if mtu is not None else default_mtu("udp", local_ip, tap=mode == "tap",
+        server=True, ifname=name, host=local_ip, tap=mode == "tap",
+        port=listen_port or TCP_PORT if transport == "tcp" else ESP_IN_UDP_PORT,
+        mtu=mtu if mtu is not None else default_mtu(transport, local_ip, tap=mode == "tap",
                                                     server=True),
-        transport="udp", addresses=addresses, routes=routes, ike=setup,
+        transport=transport, addresses=addresses, routes=routes, ike=setup,
     )  # fmt: skip
     peers = tuple(
         Peer(sp.name, sp.endpoint, sp.allowed_ips, p.get("persistent_keepalive"))

@@ -11,7 +11,13 @@
   inbound SA stays valid for ``OLD_SA_GRACE`` seconds: no packet is lost across a rekey;
 - the data plane's ``sa_limit`` event (soft sequence/byte limit) starts a Child SA rekey; IKE
   lifetimes and retransmissions are the endpoint's timers, run here in trio;
-- a peer we initiate to is re-initiated when its IKE SA goes down.
+- a peer we initiate to is re-initiated when its IKE SA goes down or an initiation fails,
+  after a capped exponential delay with jitter (:class:`Backoff`, reset once an IKE SA is up);
+- over TCP (RFC 8229, ``stream=True``) one data-plane stream transport carries IKE (non-ESP
+  marker) and ESP: an initiator connects to each peer's endpoint (and reconnects with backoff
+  when the connection ends; an IKE SA that survives is told of the new connection by a DPD
+  exchange, one that does not is re-initiated), a responder accepts many connections and
+  closes those that carry no IKE SA after ``STREAM_IDLE`` seconds.
 
 :class:`IkeGlue` is the socket-free part (tested with a fake data plane); :func:`run` adds
 the sockets and trio tasks.
@@ -20,6 +26,7 @@ the sockets and trio tasks.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import time
 from dataclasses import dataclass, field
@@ -30,6 +37,7 @@ from simpletun._errors import SimpletunError
 from simpletun.ike import (
     Endpoint,
     IkeSaDown,
+    IkeSaRekeyed,
     IkeSaUp,
     InstallChildSa,
     PeerConfig,
@@ -42,8 +50,34 @@ log = logging.getLogger("simpletun.ikesession")
 
 IKE_PORT = c.IKE_PORT if hasattr(c, "IKE_PORT") else 500
 NATT_PORT = c.NATT_PORT
+# RFC 8229 gives IKE over TCP no default port (it suggests a port may be configured); 4500,
+# the NAT-T port, is the common choice, so it is our default for TCP too (listen and connect).
+TCP_PORT = NATT_PORT
 OLD_SA_GRACE = 2.0  # seconds a replaced inbound SA stays valid
-REINITIATE_AFTER = 2.0  # seconds between an initiator's IKE SA going down and a new attempt
+STREAM_IDLE = 30.0  # seconds an accepted TCP connection may go without an IKE SA
+MAX_STREAMS = 1000  # accepted TCP connections at most (more are refused at once)
+CONNECT_TIMEOUT = 10.0  # seconds for a TCP connect to an initiator's peer
+
+
+@dataclass
+class Backoff:
+    """Delay before attempt n + 1 after n failures: ``initial * 2**n`` capped at ``cap``, less
+    up to ``jitter`` of it at random (so many initiators do not retry in step); ``reset`` on
+    success. Sans-IO: the caller adds the delay to its own clock."""
+
+    initial: float = 1.0
+    cap: float = 60.0
+    jitter: float = 0.25
+    rng: random.Random = field(default_factory=random.Random, repr=False)
+    failures: int = 0
+
+    def next(self) -> float:
+        d = min(self.initial * 2 ** min(self.failures, 32), self.cap)
+        self.failures += 1
+        return d * (1.0 - self.jitter * self.rng.random())
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 @dataclass
@@ -72,17 +106,35 @@ class IkeGlue:
     """Endpoint actions -> data plane calls and datagrams; data plane events -> endpoint.
 
     ``dp`` is a DataPlane (or a fake with the same methods), ``udp`` its UDP transport id on
-    port 4500, ``send500(data, addr)`` sends a datagram from port 500."""
+    port 4500, ``send500(data, addr)`` sends a datagram from port 500. ``stream``: ``udp`` is
+    an RFC 8229 stream transport instead (no port 500); the caller connects when
+    :meth:`due_connects` says so and reports it with :meth:`connected`, and hands accepted
+    connections to :meth:`accepted`. ``esp``: the transport ESP travels on when it is not
+    ``udp`` (raw ESP, IP protocol 50: the endpoint must not force UDP encapsulation, and a
+    Child SA that needs it, behind a NAT, is refused)."""
 
-    def __init__(self, ep: Endpoint, dp, udp: int, send500, local_ip: str, clock=time.monotonic):
+    def __init__(
+        self, ep: Endpoint, dp, udp: int, send500, local_ip: str, clock=time.monotonic, *,
+        stream: bool = False, backoff=Backoff, esp: int | None = None,
+    ):  # fmt: skip
         self.ep = ep
         self.dp = dp
         self.udp = udp
         self.send500 = send500
         self.local_ip = local_ip
         self.clock = clock
+        self.stream = stream
+        self.esp = udp if esp is None else esp
+        self.raw = esp is not None and esp != udp
+        self.new_backoff = backoff
         self.peers: dict[str, PeerState] = {}
         self.down_initiators: dict[str, float] = {}  # peer name -> when to initiate again
+        self.backoffs: dict[str, Backoff] = {}  # initiator peer name -> its re-initiation delay
+        self.want_connect: dict[str, float] = {}  # stream: peer name -> when to (re)connect
+        self.connecting: set[str] = set()  # stream: connects under way
+        self.linked: set[str] = set()  # stream: initiator peers whose connection is up
+        self.streams: dict[tuple, float] = {}  # stream: accepted connection -> when
+        self.stats: dict[str, int] = {}
         self.changed = trio.Event() if _in_trio() else None
         self.on_sa_change = None  # called after a Child SA is installed or removed
         for p in ep.peers:
@@ -91,8 +143,17 @@ class IkeGlue:
     # -- peers ---------------------------------------------------------------------------
 
     def _add_dp_peer(self, p: PeerConfig) -> None:
-        endpoint = (p.remote_addr[0], NATT_PORT) if p.remote_addr is not None else None
-        self.peers[p.name] = PeerState(p, self.dp.add_peer(self.udp, list(p.remote_ts), endpoint))
+        endpoint = None
+        if p.remote_addr is not None:
+            port = p.remote_addr[1] if self.stream else 0 if self.raw else NATT_PORT
+            endpoint = (p.remote_addr[0], port)
+        self.peers[p.name] = PeerState(p, self.dp.add_peer(self.esp, list(p.remote_ts), endpoint))
+
+    def _backoff(self, name: str) -> Backoff:
+        return self.backoffs.setdefault(name, self.new_backoff())
+
+    def count(self, what: str) -> None:
+        self.stats[what] = self.stats.get(what, 0) + 1
 
     def add_peer(self, p: PeerConfig) -> list:
         if p.name in self.peers:
@@ -107,12 +168,106 @@ class IkeGlue:
             self.handle(self.ep.delete_ike(sa, self.clock()))
         self.ep.peers = [p for p in self.ep.peers if p.name != name]
         self.down_initiators.pop(name, None)
+        self.backoffs.pop(name, None)
+        self.want_connect.pop(name, None)
+        if name in self.linked:
+            self.linked.discard(name)
+            self._drop_stream(tuple(st.config.remote_addr))
         self.dp.remove_peer(st.dp_peer)
 
     def start(self, p: PeerConfig) -> list:
         if p.remote_addr is None:
             return []
+        if self.stream and not self._stream_up(p):
+            self.want_connect.setdefault(p.name, self.clock())  # initiated once connected
+            return []
         return self.handle(self.ep.initiate(p, self.clock()))
+
+    # -- TCP (RFC 8229) connections ------------------------------------------------------
+
+    def _stream_up(self, p: PeerConfig) -> bool:
+        return p.name in self.linked
+
+    def due_connects(self) -> list[PeerConfig]:
+        """Initiator peers to connect to now (each is then in progress until
+        :meth:`connected` or :meth:`connect_failed`)."""
+        now = self.clock()
+        due = [n for n, at in self.want_connect.items() if at <= now and n in self.peers]
+        for n in due:
+            del self.want_connect[n]
+            self.connecting.add(n)
+        return [self.peers[n].config for n in due]
+
+    def connected(self, name: str) -> None:
+        """The TCP connection to ``name`` is the data plane's now: an IKE SA that is up hears
+        of it by DPD (so the responder follows the new connection); else initiate."""
+        self.connecting.discard(name)
+        st = self.peers.get(name)
+        if st is None:
+            return
+        self.linked.add(name)
+        self.count("tcp_connected")
+        established = self.ep.find(name)
+        for sa in established:
+            self.handle(self.ep.dpd(sa, self.clock()))
+        if not established and not self._initiating(name):
+            self.handle(self.ep.initiate(st.config, self.clock()))
+        # (an initiation under way retransmits on the new connection by itself)
+
+    def _initiating(self, name: str) -> bool:
+        return any(s.peer is not None and s.peer.name == name and s.state != "dead"
+                   for s in self.ep.sas.values())  # fmt: skip
+
+    def connect_failed(self, name: str, why: str) -> None:
+        self.connecting.discard(name)
+        if name in self.peers:
+            self.count("tcp_connect_failed")
+            delay = self._backoff(name).next()
+            log.info("TCP connection to %s failed: %s; again in %.1f s", name, why, delay)
+            self.want_connect[name] = self.clock() + delay
+
+    def accepted(self, addr: tuple[str, int]) -> bool:
+        """A connection a peer opened; False: refuse it (too many)."""
+        if len(self.streams) >= MAX_STREAMS:
+            self.count("tcp_refused")
+            return False
+        self.streams[tuple(addr)] = self.clock()
+        self.count("tcp_accepted")
+        return True
+
+    def _drop_stream(self, addr: tuple) -> None:
+        try:
+            self.dp.remove_tcp_connection(self.udp, addr)
+        except SimpletunError:
+            pass
+
+    def _closed(self, addr: tuple, reason: str) -> None:
+        self.count("tcp_closed")
+        if "IKETCP" in reason:  # the data plane refused a stream without the RFC 8229 prefix
+            self.count("tcp_bad_prefix")
+        self.streams.pop(addr, None)
+        for name, st in self.peers.items():
+            ra = st.config.remote_addr
+            if ra is not None and tuple(ra) == addr and name not in self.connecting:
+                self.linked.discard(name)
+                delay = self._backoff(name).next()  # reset when an IKE SA comes up
+                log.info("TCP connection to %s (%s) closed: %s; reconnecting in %.1f s",
+                         name, _fmt_ep(addr), reason, delay)  # fmt: skip
+                self.want_connect[name] = self.clock() + delay
+                return
+        log.debug("TCP connection from %s closed: %s", _fmt_ep(addr), reason)
+
+    def _sweep_streams(self, now: float) -> None:
+        """Close accepted connections that carried no IKE SA for STREAM_IDLE seconds."""
+        used = {tuple(s.remote) for s in self.ep.sas.values() if s.state != "dead"}
+        for addr, at in list(self.streams.items()):
+            if addr in used:
+                self.streams[addr] = now
+            elif now - at >= STREAM_IDLE:
+                del self.streams[addr]
+                self.count("tcp_idle_closed")
+                log.debug("TCP connection from %s carries no IKE SA: closed", _fmt_ep(addr))
+                self._drop_stream(addr)
 
     # -- endpoint actions ----------------------------------------------------------------
 
@@ -137,7 +292,11 @@ class IkeGlue:
 
     def _one(self, a) -> None:
         if isinstance(a, Send):
-            if a.local_port == NATT_PORT and a.data == b"\xff":
+            if self.stream:
+                # RFC 8229: one stream for IKE and ESP, no NAT keepalives (TCP has its own)
+                if a.data != b"\xff":
+                    self.dp.send_control(self.udp, a.remote, a.data)
+            elif a.local_port == NATT_PORT and a.data == b"\xff":
                 self.dp.send_keepalive(self.udp, a.remote)  # RFC 3948 NAT-keepalive
             elif a.local_port == NATT_PORT:
                 self.dp.send_control(self.udp, a.remote, a.data)
@@ -148,12 +307,21 @@ class IkeGlue:
             if st is not None:
                 st.ike_sa, st.remote_id = a.sa, a.remote_id
                 self.down_initiators.pop(a.peer, None)
+                self._backoff(a.peer).reset()
         elif isinstance(a, IkeSaDown):
             st = self.peers.get(a.peer)
-            if st is not None and st.ike_sa == a.sa:
+            # our IKE SA went down, or an initiation failed (it never came up)
+            if st is not None and st.ike_sa in (a.sa, None):
                 st.ike_sa = None
-                if st.config.remote_addr is not None:
-                    self.down_initiators[a.peer] = self.clock() + REINITIATE_AFTER
+                live = any(s.state != "dead" for s in self.ep.find(a.peer))
+                if st.config.remote_addr is not None and not live:
+                    delay = self._backoff(a.peer).next()
+                    log.info("initiating to %s again in %.1f s", a.peer, delay)
+                    self.down_initiators[a.peer] = self.clock() + delay
+        elif isinstance(a, IkeSaRekeyed):
+            st = self.peers.get(a.peer)
+            if st is not None and st.ike_sa == a.old:
+                st.ike_sa = a.new  # the peer's IKE SA is the new one now (RFC 7296 2.18)
         elif isinstance(a, InstallChildSa):
             self._install(a)
         elif isinstance(a, RemoveChildSa):
@@ -164,12 +332,28 @@ class IkeGlue:
         if st is None:
             log.warning("Child SA %08x of unknown IKE SA %s not installed", a.spi_in, a.sa)
             return
+        if self.raw and a.encap is not None:
+            # raw ESP (protocol 50) cannot cross the NAT the endpoint detected
+            log.warning(
+                "Child SA %08x of %s not installed: a NAT lies between us and the peer, and "
+                'raw ESP cannot cross it; use transport = "udp" (ESP-in-UDP)',
+                a.spi_in, st.config.name,
+            )  # fmt: skip
+            self.count("child_sa_refused_nat")
+            ike = next((s for s in self.ep.sas.values() if s.name == a.sa), None)
+            if ike is not None:
+                self.handle(self.ep.delete_child(ike, a.spi_in, self.clock()))
+            return
         esn = a.suite.esn
         self.dp.add_inbound_sa(st.dp_peer, a.spi_in, a.enc_in, a.auth_in, esn=esn)
         view = ChildView(a.spi_in, a.spi_out, a.suite.name(), a.sa, self.clock())
         st.children[a.spi_in] = view
         if a.encap is not None:
             self.dp.set_endpoint(st.dp_peer, tuple(a.encap[1]))
+        elif self.raw:
+            ike = next((s for s in self.ep.sas.values() if s.name == a.sa), None)
+            if ike is not None:
+                self.dp.set_endpoint(st.dp_peer, (ike.remote[0], 0))
         if a.initiator or a.rekey_of is None or a.rekey_of not in st.children:
             self._switch_out(st, a)
         else:
@@ -178,7 +362,12 @@ class IkeGlue:
             self.on_sa_change()
 
     def _switch_out(self, st: PeerState, a: InstallChildSa) -> None:
-        self.dp.set_outbound_sa(st.dp_peer, a.spi_out, a.enc_out, a.auth_out, esn=a.suite.esn)
+        p = st.config
+        limits = {k: v for k, v in (("soft_packets", p.rekey_packets),
+                                    ("soft_bytes", p.rekey_bytes)) if v is not None}  # fmt: skip
+        self.dp.set_outbound_sa(
+            st.dp_peer, a.spi_out, a.enc_out, a.auth_out, esn=a.suite.esn, **limits
+        )
         for v in st.children.values():
             v.outbound = v.spi_in == a.spi_in
 
@@ -205,6 +394,20 @@ class IkeGlue:
 
     def receive(self, data: bytes, local_port: int, remote: tuple[str, int]) -> None:
         self.handle(self.ep.receive(data, (self.local_ip, local_port), remote, self.clock()))
+        if self.stream:
+            self._follow_stream(tuple(remote))
+
+    def _follow_stream(self, remote: tuple) -> None:
+        """An IKE SA that now lives on the connection ``remote`` (it followed an authenticated
+        message there, e.g. the DPD after a reconnect) takes its peer's ESP along at once,
+        not only once the peer's first ESP packet arrives on it."""
+        for sa in self.ep.sas.values():
+            if sa.remote != remote or sa.peer is None or sa.state == "dead":
+                continue
+            st = self.peers.get(sa.peer.name)
+            if st is not None and st.children:
+                if self.dp.endpoint(st.dp_peer) != remote:
+                    self.dp.set_endpoint(st.dp_peer, remote)
 
     def on_event(self, ev) -> None:
         kind = ev[0]
@@ -212,6 +415,10 @@ class IkeGlue:
             _, tid, addr, payload = ev
             if tid == self.udp:
                 self.receive(payload, NATT_PORT, (addr[0], addr[1]))
+        elif kind == "closed":
+            _, tid, addr, reason = ev
+            if tid == self.udp:
+                self._closed(tuple(addr), reason)
         elif kind == "sa_limit":
             _, peer, spi_out, seq, nbytes = ev
             self._rekey_out(peer, spi_out, f"seq {seq}, {nbytes} bytes")
@@ -242,15 +449,17 @@ class IkeGlue:
         dl = self.ep.next_deadline()
         if dl is not None and dl <= now:
             self.handle(self.ep.tick(now))
+        if self.stream:
+            self._sweep_streams(now)
         for name, at in list(self.down_initiators.items()):
             if at <= now and name in self.peers and not self.peers[name].ike_sa:
                 del self.down_initiators[name]
-                if not any(s.peer is not None and s.peer.name == name for s in self.ep.sas.values()
-                           if s.state != "dead"):  # fmt: skip
+                if not self._initiating(name):
                     self.start(self.peers[name].config)
 
     def next_wakeup(self) -> float | None:
-        times = [t for t in [self.ep.next_deadline(), *self.down_initiators.values()] if t]
+        times = [t for t in [self.ep.next_deadline(), *self.down_initiators.values(),
+                             *self.want_connect.values()] if t]  # fmt: skip
         return min(times) if times else None
 
     # -- status --------------------------------------------------------------------------
@@ -325,28 +534,41 @@ def ike_sockets(local_ip: str, port500: int = 500, port4500: int = NATT_PORT):
 async def run(
     tun_fd: int,
     ep: Endpoint,
-    sock500: socket.socket,
-    sock4500: socket.socket,
+    sock500: socket.socket | None,
+    sock4500: socket.socket | None,
     local_ip: str,
     *,
     tap: bool = False,
     soft_seq: int | None = None,
     soft_bytes: int | None = None,
+    tcp: bool = False,
+    listener: socket.socket | None = None,
+    raw_sock: socket.socket | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the IKE speaker ``ep`` with a DataPlane on ``tun_fd``; ``task_status.started``
     gets the :class:`IkeGlue`. The caller keeps (and closes) the sockets and the device.
     The data plane carries ESP-in-UDP only, so the endpoint always asks for UDP
-    encapsulation (``force_encap``)."""
-    ep.force_encap = True
+    encapsulation (``force_encap``). ``tcp``: IKE and ESP over TCP (RFC 8229) instead of
+    the two UDP sockets (pass None for them): initiator peers are connected to, and
+    ``listener`` (a listening TCP socket, or None) accepts connections from peers.
+    ``raw_sock``: ESP goes as IP protocol 50 on this raw socket instead (IKE stays on the UDP
+    sockets; no forced encapsulation, so without a NAT IKE stays on port 500)."""
+    ep.force_encap = raw_sock is None
+    ep.natt_from_start = tcp
     from simpletun._core import DataPlane
     from simpletun.datagram import _events, _watch_done
 
     kw = {k: v for k, v in (("soft_seq", soft_seq), ("soft_bytes", soft_bytes)) if v is not None}
     dp = DataPlane(tun_fd, tap=tap, **kw)
-    s500 = trio.socket.from_stdlib_socket(sock500)
     try:
-        udp = dp.add_udp(sock4500.fileno())
+        esp = None
+        if tcp:
+            udp = dp.add_tcp(rfc8229=True)
+        else:
+            udp = dp.add_udp(sock4500.fileno())
+            if raw_sock is not None:
+                esp = dp.add_raw_esp(raw_sock.fileno())
 
         def send500(data: bytes, addr) -> None:
             try:
@@ -354,16 +576,53 @@ async def run(
             except OSError as e:
                 log.debug("sending to %s from port 500 failed: %s", addr, e)
 
-        glue = IkeGlue(ep, dp, udp, send500, local_ip)
+        glue = IkeGlue(ep, dp, udp, send500, local_ip, stream=tcp, esp=esp)
         glue.dp_obj = dp
 
         async def recv500() -> None:
+            s500 = trio.socket.from_stdlib_socket(sock500)
             port = sock500.getsockname()[1]
             while True:
                 data, addr = await s500.recvfrom(65535)
                 glue.receive(data, port, (addr[0], addr[1]))
 
-        async def timers() -> None:
+        async def connect(p: PeerConfig) -> None:
+            host, port = p.remote_addr
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    s = await _tcp_connect(local_ip, host, port)
+            except (OSError, trio.TooSlowError) as e:
+                why = "timed out" if isinstance(e, trio.TooSlowError) else (e.strerror or str(e))
+                glue.connect_failed(p.name, why)
+                return
+            with s:
+                try:
+                    dp.add_tcp_connection(udp, s.fileno(), (host, port), opened_by_us=True)
+                except (SimpletunError, OSError) as e:
+                    glue.connect_failed(p.name, str(e))
+                    return
+            log.info("TCP connection to %s (%s) up", p.name, _fmt_ep((host, port)))
+            glue.connected(p.name)
+
+        async def accept(nursery) -> None:
+            lst = trio.socket.from_stdlib_socket(listener)
+            while True:
+                try:
+                    s, addr = await lst.accept()
+                except OSError as e:  # e.g. EMFILE: count, wait a little, go on
+                    glue.count("tcp_accept_failed")
+                    log.debug("accept failed: %s", e)
+                    await trio.sleep(0.1)
+                    continue
+                with s:
+                    if glue.accepted((addr[0], addr[1])):
+                        try:
+                            dp.add_tcp_connection(udp, s.fileno(), (addr[0], addr[1]))
+                        except (SimpletunError, OSError) as e:
+                            glue.streams.pop((addr[0], addr[1]), None)
+                            log.debug("TCP connection from %s not taken: %s", addr, e)
+
+        async def timers(nursery) -> None:
             while True:
                 glue.changed = trio.Event()
                 wake = glue.next_wakeup()
@@ -371,12 +630,17 @@ async def run(
                 with trio.move_on_after(min(delay, 1.0)):
                     await glue.changed.wait()
                 glue.tick()
+                for p in glue.due_connects():
+                    nursery.start_soon(connect, p)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_events, dp, glue.on_event)
             nursery.start_soon(_watch_done, dp)
-            nursery.start_soon(recv500)
-            nursery.start_soon(timers)
+            if not tcp:
+                nursery.start_soon(recv500)
+            elif listener is not None:
+                nursery.start_soon(accept, nursery)
+            nursery.start_soon(timers, nursery)
             for p in list(ep.peers):
                 glue.start(p)
             task_status.started(glue)
@@ -390,7 +654,39 @@ async def run(
                                 dp.send_control(udp, a.remote, a.data)
                             except SimpletunError:
                                 pass
+                        elif isinstance(a, Send) and sock500 is not None:  # raw: IKE on 500
+                            send500(a.data, a.remote)
             await trio.to_thread.run_sync(dp.stop)
+
+
+async def _tcp_connect(local_ip: str, host: str, port: int) -> socket.socket:
+    """A TCP connection from ``local_ip`` to ``host:port`` (a stdlib socket, blocking)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = trio.socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        if local_ip and local_ip not in ("0.0.0.0", "::"):
+            await s.bind((local_ip, 0))
+        await s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return socket.socket(fileno=s.detach())
+
+
+def tcp_listener(local_ip: str, port: int) -> socket.socket:
+    """The listening TCP socket of an RFC 8229 responder on ``local_ip:port``."""
+    fam = socket.AF_INET6 if ":" in local_ip else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((local_ip, port))
+        s.listen(128)
+    except OSError as e:
+        s.close()
+        raise SimpletunError(
+            f"cannot listen on TCP {local_ip} port {port}: {e.strerror or e}"
+        ) from None
+    return s
 
 
 # -- from a config file ------------------------------------------------------------------------
@@ -410,6 +706,8 @@ class IkePeerSpec:
     rekey_time: int | None = None  # Child SA soft lifetime, seconds
     ike_rekey_time: int | None = None
     dpd_delay: int | None = None
+    rekey_packets: int | None = None  # outbound Child SA soft limits (the data plane's)
+    rekey_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -418,6 +716,8 @@ class IkeSetup:
     local_id: str | None
     private_key: bytes | None = field(default=None, repr=False)  # 32 bytes (simpletun genkey)
     peers: tuple[IkePeerSpec, ...] = ()
+    transport: str = "udp"  # "tcp": IKE and ESP over TCP (RFC 8229); "raw": ESP as protocol 50
+    listen_port: int | None = None  # tcp: the port we accept peers on (None: no listener)
 
 
 def peer_config(setup: IkeSetup, sp: IkePeerSpec) -> PeerConfig:
@@ -442,6 +742,8 @@ def peer_config(setup: IkeSetup, sp: IkePeerSpec) -> PeerConfig:
         ike_rekey_time=sp.ike_rekey_time,
         rand_time=min(60.0, (sp.rekey_time or 0) / 10),
         dpd_delay=sp.dpd_delay,
+        rekey_packets=sp.rekey_packets,
+        rekey_bytes=sp.rekey_bytes,
         **kw,
     )
 
@@ -514,15 +816,19 @@ class IkeTunnel:
             "mode": "tap" if c.tap else "tun",
             "encryption": "ESP keyed by IKEv2",
             "role": "ikev2",
-            "transport": "udp",
+            "transport": c.ike.transport,
             "dataplane": "userspace",
             "key_exchange": "ikev2",
             "listen_address": c.ike.local_ip,
-            "listen_port": NATT_PORT,
+            "listen_port": c.ike.listen_port if c.ike.transport == "tcp" else NATT_PORT,
             "mtu": c.mtu,
             "addresses": [str(a) for a in c.addresses],
             "up": any(p["child_sas"] for p in peers),
             "peers": peers,
+            # the IKE endpoint's drop/event counters and the driver's (TCP connections)
+            "ike_counters": (
+                {**self.glue.ep.stats, **self.glue.stats} if self.glue is not None else {}
+            ),
         }
 
     def apply_peers(self, setup: IkeSetup) -> dict:
@@ -553,39 +859,67 @@ async def run_config(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     setup: IkeSetup = config.ike
     device = await trio.to_thread.run_sync(session._open, config)
     try:
-        s500, s4500 = ike_sockets(setup.local_ip)
+        tcp = setup.transport == "tcp"
+        if tcp:
+            s500 = s4500 = None
+            socks = [tcp_listener(setup.local_ip, setup.listen_port)] if setup.listen_port else []
+            where = f"TCP {setup.listen_port} (RFC 8229)" if socks else "TCP (RFC 8229)"
+        else:
+            s500, s4500 = socks = list(ike_sockets(setup.local_ip))
+            where = "UDP 500/4500"
+            if setup.transport == "raw":
+                from simpletun.datagram import raw_esp_socket
+
+                fam = socket.AF_INET6 if ":" in setup.local_ip else socket.AF_INET
+                try:
+                    socks.append(raw_esp_socket(fam))
+                except OSError as e:
+                    for s in socks:
+                        s.close()
+                    raise SimpletunError(
+                        f"cannot open a raw ESP socket: {e.strerror or e} (raw ESP needs root)"
+                    ) from None
+                where += ", ESP as IP protocol 50"
         try:
             ep = Endpoint([peer_config(setup, sp) for sp in setup.peers])
             tunnel = IkeTunnel(config, device)
             log.info(
-                "IKEv2 on %s, %s UDP 500/4500, %d peer(s)",
-                device.name, setup.local_ip, len(setup.peers),
+                "IKEv2 on %s, %s %s, %d peer(s)",
+                device.name, setup.local_ip, where, len(setup.peers),
             )  # fmt: skip
+            kw = {"tcp": tcp, "listener": socks[0] if tcp and socks else None}
+            if setup.transport == "raw":
+                kw["raw_sock"] = socks[2]
             async with trio.open_nursery() as n:
                 tunnel.glue = await n.start(
-                    partial_run(device.fd, ep, s500, s4500, setup.local_ip, config.tap)
+                    partial_run(device.fd, ep, s500, s4500, setup.local_ip, config.tap, **kw)
                 )
                 tunnel.glue.on_sa_change = tunnel._sa_change
                 task_status.started(tunnel)
         finally:
-            s500.close()
-            s4500.close()
+            for s in socks:
+                s.close()
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(netdev.close_device, device)
 
 
-def partial_run(fd, ep, s500, s4500, local_ip, tap):
+def partial_run(fd, ep, s500, s4500, local_ip, tap, **kw):
     async def go(*, task_status=trio.TASK_STATUS_IGNORED):
-        await run(fd, ep, s500, s4500, local_ip, tap=tap, task_status=task_status)
+        await run(fd, ep, s500, s4500, local_ip, tap=tap, task_status=task_status, **kw)
 
     return go
 
 
-def cli_setup(server: bool, host: str | None, listen: str | None, psk: bytes, routes) -> IkeSetup:
+def cli_setup(
+    server: bool, host: str | None, listen: str | None, psk: bytes, routes, *,
+    transport: str = "udp", port: int | None = None,
+) -> IkeSetup:  # fmt: skip
     """``-s --listen ADDR`` / ``-c HOST`` with ``--key-exchange ikev2``: one peer, the
     --key file as PSK, IDs = IP addresses (any authenticated ID accepted), traffic selectors
-    everything (narrowed by nothing: one peer owns all prefixes), routes from --route."""
+    everything (narrowed by nothing: one peer owns all prefixes), routes from --route.
+    ``transport = "tcp"``: RFC 8229 on ``port`` (default TCP_PORT); a server listens there."""
+    tcp_port = port or TCP_PORT
     from simpletun._errors import ConfigError
 
     endpoint = None
@@ -600,10 +934,11 @@ def cli_setup(server: bool, host: str | None, listen: str | None, psk: bytes, ro
                 local_ip = s.getsockname()[0]
         except OSError as e:
             raise ConfigError(f"cannot reach the IKEv2 peer {host!r}: {e.strerror or e}") from None
-        endpoint = (info[4][0], 500)
+        endpoint = (info[4][0], tcp_port if transport == "tcp" else IKE_PORT)
     every = ("0.0.0.0/0",) if ":" not in local_ip else ("::/0",)
     peer = IkePeerSpec(
         name="peer", identity=None, endpoint=endpoint, allowed_ips=every, local_ips=every,
         psk=psk,
     )  # fmt: skip
-    return IkeSetup(local_ip, None, None, (peer,))
+    listen_port = tcp_port if transport == "tcp" and server else None
+    return IkeSetup(local_ip, None, None, (peer,), transport, listen_port)

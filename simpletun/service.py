@@ -20,7 +20,9 @@ from simpletun._errors import ConfigError, SimpletunError
 log = logging.getLogger("simpletun.service")
 
 # Changes a reload cannot apply to a running tunnel (they need `down` + `up`).
-RESTART_FIELDS = ("server", "ifname", "host", "port", "tap", "key", "cipher", "mtu", "addresses")
+RESTART_FIELDS = (
+    "server", "ifname", "host", "port", "tap", "key", "cipher", "mtu", "addresses", "transport",
+)  # fmt: skip
 
 
 def runner(config):

@@ -183,6 +183,24 @@ def test_full_client_invocation_parses(keyfile):
     assert config.mtu == 1400
 
 
+def test_ikev2_over_tcp_invocations_parse(keyfile):
+    """--key-exchange ikev2 --transport tcp: RFC 8229 on TCP 4500 by default, -p to change it;
+    a server listens there, a client connects there. Without --transport: UDP 500/4500."""
+    base = ["-i", "tun7", "--key", keyfile, "--key-exchange", "ikev2"]
+    srv, _ = cli.parse_args([*base, "-s", "--listen", "192.0.2.1", "--transport", "tcp"])
+    assert (srv.transport, srv.port, srv.ike.transport, srv.ike.listen_port) == (
+        "tcp", 4500, "tcp", 4500,
+    )  # fmt: skip
+    cl, _ = cli.parse_args([*base, "-c", "127.0.0.1", "--transport", "tcp", "-p", "443"])
+    assert cl.ike.peers[0].endpoint == ("127.0.0.1", 443) and cl.ike.listen_port is None
+    assert cl.transport == "tcp"
+    udp, _ = cli.parse_args([*base, "-c", "127.0.0.1"])
+    assert udp.transport == "udp" and udp.ike.peers[0].endpoint == ("127.0.0.1", 500)
+    # and the classic default stays TCP with simpletun's own handshake
+    classic, _ = cli.parse_args(["-i", "tun7", "--key", keyfile, "-c", "127.0.0.1"])
+    assert classic.transport == "tcp" and classic.ike is None
+
+
 def test_simpletun_c_style_flags_parse():
     # getopt style: combined flags and attached values, as simpletun.c accepted
     config, debug = cli.parse_args(["-itun0", "-sdu", "-p4000", "--plaintext"])

@@ -171,7 +171,8 @@ def test_tcp_stream_transport():
         app_a.send(pkt)
     for _ in range(100):
         assert recv(app_b) == pkt
-    assert b.peer_stats(pb)["rx_packets"] == 100
+    # the counter follows the device write: wait for it rather than race it
+    wait_for(lambda: b.peer_stats(pb)["rx_packets"] == 100, "b counts the 100 packets")
     with pytest.raises(ConfigError, match="not a stream"):
         a.remove_tcp_connection(99, c.getsockname()[:2])
     c_addr = c.getsockname()[:2]

@@ -96,6 +96,10 @@ class PeerConfig:
     ike_rekey_time: float | None = None
     rand_time: float = 0.0  # rekeys happen up to this many seconds early (random)
     dpd_delay: float | None = None
+    # soft limits of each outbound Child SA: the data plane's to watch (the driver passes them
+    # on with the SA and rekeys on its "sa_limit" event); the machine does not use them
+    rekey_packets: int | None = None
+    rekey_bytes: int | None = None
     retransmit_base: float = 1.0
     retransmit_tries: int = 5
     initial_contact: bool = True
@@ -450,6 +454,7 @@ class Endpoint:
         keepalive_interval: float = 20.0,
         rng: random.Random | None = None,
         force_encap: bool = False,
+        natt_from_start: bool = False,
     ):
         self.peers = list(peers)
         self.responder_suites = responder_suites
@@ -461,6 +466,9 @@ class Endpoint:
         # sending a NAT_DETECTION_SOURCE_IP that matches nothing; strongSwan's encap=yes):
         # for a data plane that carries ESP-in-UDP only
         self.force_encap = force_encap
+        # every IKE message we initiate carries the non-ESP marker from IKE_SA_INIT on, to the
+        # peer's own port (RFC 8229 TCP encapsulation: one stream, no port 500)
+        self.natt_from_start = natt_from_start
         self.now = 0.0  # time of the call being handled
         self._log_limit = LogLimiter()
         self.sas: dict[bytes, IkeSa] = {}
@@ -523,6 +531,8 @@ class Endpoint:
         sa = IkeSa(self, True, self._new_spi8(), peer)
         sa.remote = (peer.remote_addr[0], peer.remote_addr[1])
         sa.local_ip = peer.local_addr or "0.0.0.0"
+        if self.natt_from_start:
+            sa.local_port, sa.natt = c.NATT_PORT, True
         sa.created = sa.last_recv = now
         sa.want_sig_hash = peer.private_key is not None or peer.remote_public_key is not None
         self.sas[sa.our_spi] = sa
@@ -1227,8 +1237,9 @@ class Endpoint:
         sa.last_recv = now
         if self._check_natd(sa, msg, remote, (sa.local_ip, sa.local_port)):
             sa.natt = True
-            sa.local_port = c.NATT_PORT
-            sa.remote = (sa.remote[0], c.NATT_PORT)
+            if sa.local_port != c.NATT_PORT:  # float from 500 (RFC 7296 2.23)
+                sa.local_port = c.NATT_PORT
+                sa.remote = (sa.remote[0], c.NATT_PORT)
         # IKE_AUTH request
         p = sa.peer
         idi = self._local_id(sa, c.PL_IDI)

@@ -9,6 +9,8 @@ Stdlib only, no relative imports (``scripts/`` imports it too).
 - :func:`split_frames` cuts a stream into simpletun frames (2-byte big-endian length + payload).
 - :func:`classify` tells a control frame (first 4 payload bytes zero) from an ESP frame and
   decodes SPI and sequence number.
+- :func:`write_udp_pcap` writes messages as IPv4/UDP datagrams into a new pcap (to hand frames
+  cut out of a stream to a dissector that knows UDP encapsulation but not the stream's).
 """
 
 from __future__ import annotations
@@ -100,6 +102,27 @@ def _strip_link(linktype: int, frame: bytes) -> bytes | None:
     if linktype in (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6):
         return frame
     raise PcapError(f"unsupported pcap link type {linktype}")
+
+
+def write_udp_pcap(path, datagrams: list[tuple[str, int, str, int, bytes]]) -> None:
+    """A classic pcap (raw IPv4 link type) of ``(src, sport, dst, dport, payload)`` UDP
+    datagrams (IPv4 addresses; UDP checksum 0, as IPv4 allows)."""
+    import ipaddress
+
+    out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, LINKTYPE_RAW)]
+    for i, (src, sport, dst, dport, payload) in enumerate(datagrams):
+        udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+        total = 20 + len(udp)
+        a, b = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, i & 0xFFFF, 0, 64, 17, 0, a, b)
+        words = struct.unpack("!10H", hdr)
+        csum = sum(words)
+        while csum >> 16:
+            csum = (csum & 0xFFFF) + (csum >> 16)
+        hdr = hdr[:10] + struct.pack("!H", ~csum & 0xFFFF) + hdr[12:]
+        out.append(struct.pack("<IIII", i, 0, total, total) + hdr + udp)
+    with open(path, "wb") as f:
+        f.write(b"".join(out))
 
 
 def read_pcap(data: bytes) -> list[Segment]:

@@ -137,12 +137,18 @@ def test_up_ping_status_reload_down(lab, tmp_path, monkeypatch, auth):
     assert DEV not in lab.links(lab.ns_a)
 
 
-def test_cli_key_exchange_ikev2_server_and_client(lab, tmp_path):
+@pytest.mark.parametrize("transport", ["udp", "tcp", "raw"])
+def test_cli_key_exchange_ikev2_server_and_client(lab, tmp_path, transport):
     """`simpletun -s --listen ADDR --key-exchange ikev2` and `-c HOST --key-exchange ikev2`
-    with the same --key file: the IKEv2 tunnel comes up and carries pings."""
+    with the same --key file: the IKEv2 tunnel comes up and carries pings; over UDP (default),
+    TCP (RFC 8229, on a -p port of our choosing) and raw ESP."""
     k = tmp_path / "k"
     keyfile(k)
     common = ["--key-exchange", "ikev2", "--key", str(k), "-i", "ikc0", "-d"]
+    if transport != "udp":
+        common += ["--transport", transport]
+    if transport == "tcp":
+        common += ["-p", "4433"]
     srv = lab.spawn(
         lab.ns_a,
         [simpletun_cmd(), "-s", "--listen", VETH_A_ADDR, "--addr", "10.253.0.1/24", *common],
@@ -160,6 +166,9 @@ def test_cli_key_exchange_ikev2_server_and_client(lab, tmp_path):
         cli.stop()
         srv.stop()
     assert "Child SA" in srv.stderr() and "installed" in srv.stderr(), srv.stderr()[-2000:]
+    if transport == "tcp":
+        assert "TCP 4433 (RFC 8229)" in srv.stderr(), srv.stderr()[-2000:]
+        assert f"TCP connection to peer ({VETH_A_ADDR}:4433) up" in cli.stderr()
 
 
 def test_cli_key_exchange_ikev2_usage_errors(tmp_path):
@@ -169,7 +178,7 @@ def test_cli_key_exchange_ikev2_usage_errors(tmp_path):
     keyfile(k)
     for extra, msg in (
         (["-s"], "needs --listen"),
-        (["-c", "192.0.2.1", "--transport", "udp"], "drop -p, --transport"),
+        (["-c", "192.0.2.1", "-p", "4501"], "-p unless --transport tcp"),
         (["-c", "192.0.2.1", "--key-exchange", "ike"], "must be psk or ikev2"),
     ):
         argv = [simpletun_cmd(), "-i", "x0", "--key", str(k), "--key-exchange", "ikev2", *extra]

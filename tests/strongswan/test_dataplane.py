@@ -85,31 +85,49 @@ def test_10mib_through_the_data_plane(lab, tmp_path, we_initiate):
     assert int(m.group(1), 16) == int(spi_out, 16) and int(m.group(2)) >= 10 << 20, out["sas"]
 
 
-@pytest.mark.parametrize("we_initiate", [True, False], ids=["we-initiate", "charon-initiates"])
-def test_simpletun_up_config_against_charon_10mib(lab, tmp_path, monkeypatch, we_initiate):
+CASES = [(True, False), (False, False), (True, True), (False, True)]
+
+
+@pytest.mark.parametrize(
+    ("we_initiate", "ipv6"), CASES,
+    ids=[f"{'we' if w else 'charon'}-initiate{'s' if not w else ''}-{'v6' if v6 else 'v4'}"
+         for w, v6 in CASES],
+)  # fmt: skip
+def test_simpletun_up_config_against_charon_10mib(lab, tmp_path, monkeypatch, we_initiate, ipv6):
     """The product path: `simpletun up FILE` (key_exchange = "ikev2") against charon, a
-    10 MiB transfer with equal SHA-256, `status --json` and charon's counters agreeing."""
+    10 MiB transfer with equal SHA-256, `status --json` and charon's counters agreeing; with
+    IPv4 and with IPv6 outer addresses (ESP-in-UDP over IPv6 between charon's libipsec and the
+    Rust data plane)."""
     import json
 
+    from netns.dgtunnel import VETH_A_ADDR6, VETH_B_ADDR6, add_ipv6_outer
+    from netns.lab import Lab
     from netns.tunnel import simpletun_cmd
 
     from simpletun import keys
+
+    a_ip, b_ip = VETH_A_ADDR, VETH_B_ADDR
+    if ipv6:
+        lab = Lab(tmp_path / "lab6", tag="ike6", ipv6=True)
+        add_ipv6_outer(lab)
+        a_ip, b_ip = VETH_A_ADDR6, VETH_B_ADDR6
 
     key = keys.generate_key()
     kf = tmp_path / "psk.key"
     kf.write_text(keys.encode_key(key) + "\n")
     kf.chmod(0o600)
     charon = Charon(
-        lab, lab.ns_b, tmp_path / "charon", local=VETH_B_ADDR,
-        remote="%any" if we_initiate else VETH_A_ADDR, remote_id=VETH_A_ADDR,
+        lab, lab.ns_b, tmp_path / "charon", local=b_ip,
+        remote="%any" if we_initiate else a_ip, remote_id=a_ip,
         local_ts=B_INNER, remote_ts=A_INNER, inner_addr=B_IN, psk="0x" + key.hex(),
     )  # fmt: skip
     conf = tmp_path / "st0.toml"
+    endpoint = f"[{b_ip}]" if ipv6 else b_ip
     conf.write_text(
         f'[interface]\nkey_exchange = "ikev2"\naddress = ["{A_IN}/24"]\nmtu = 1400\n'
-        f'listen_address = "{VETH_A_ADDR}"\n\n[[peer]]\nname = "charon"\n'
-        f'identity = "{VETH_B_ADDR}"\nallowed_ips = ["{B_INNER}"]\npsk_file = "{kf}"\n'
-        + (f'endpoint = "{VETH_B_ADDR}"\n' if we_initiate else "")
+        f'listen_address = "{a_ip}"\n\n[[peer]]\nname = "charon"\n'
+        f'identity = "{b_ip}"\nallowed_ips = ["{B_INNER}"]\npsk_file = "{kf}"\n'
+        + (f'endpoint = "{endpoint}"\n' if we_initiate else "")
     )
     monkeypatch.setenv("SIMPLETUN_RUN_DIR", str(tmp_path / "run"))
     up = lab.run(lab.ns_a, [simpletun_cmd(), "up", str(conf)], check=False, timeout=40)
@@ -129,5 +147,8 @@ def test_simpletun_up_config_against_charon_10mib(lab, tmp_path, monkeypatch, we
         m = re.search(r"in  ([0-9a-f]{8}),\s+(\d+) bytes,\s+(\d+) packets", sas)
         assert m and m.group(1) == child["spi_out"] and int(m.group(2)) >= 10 << 20, sas
         assert "INSTALLED, TUNNEL-in-UDP" in sas, sas
+        assert (b_ip in sas) and peer["endpoint"].strip("[").startswith(b_ip), (sas, peer)
     finally:
         lab.run(lab.ns_a, [simpletun_cmd(), "down", "st0"], check=False, timeout=40)
+        if ipv6:
+            lab.close()

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use simpletun_core::dp::fake::{FakeNet, FakeSocket};
 use simpletun_core::dp::{DataPlane, DpConfig, Event, FakeDevice, Prefix, Traffic, TransportKind};
+use simpletun_core::esp::{NH_IPV4, PAYLOAD_OFFSET};
 use simpletun_core::proto::{NAT_KEEPALIVE, NON_ESP_MARKER};
 use simpletun_core::tun::Kind;
 use simpletun_core::SecurityAssociation;
@@ -365,6 +366,52 @@ fn sa_near_its_limit_is_reported_once() {
             bytes: 180
         }]
     );
+}
+
+/// Per-SA soft limits (a peer's rekey_packets / rekey_bytes): each SA fires at its own limit,
+/// never above the data plane's, and a new SA starts counting afresh.
+#[test]
+fn per_sa_soft_limits_fire_at_their_own_threshold() {
+    let net = FakeNet::new();
+    let dev = Arc::new(FakeDevice::new(Kind::Tun).unwrap());
+    let cfg = DpConfig {
+        soft_seq: 5,
+        ..DpConfig::default()
+    };
+    let dp = DataPlane::start(dev.clone(), cfg).unwrap();
+    let tr = dp
+        .add_transport(net.bind(addr("10.1.1.1:4500"), TransportKind::Udp).unwrap())
+        .unwrap();
+    let p = dp
+        .add_peer(tr, &[pfx("0.0.0.0/0")], Some(addr("10.1.1.2:4500")))
+        .unwrap();
+    let send = |n: u64, total: u64| {
+        for i in 0..n {
+            dev.inject(&ipv4([1, 1, 1, 1], [2, 2, 2, 2], i));
+        }
+        eventually("sent", || get(dp.totals(), "tx_packets") == total);
+    };
+    // A packet limit of 2.
+    dp.set_outbound_sa_with_limits(p, Some(sa(0x3001, 1)), Some(2), None)
+        .unwrap();
+    send(4, 4);
+    let want = |spi, seq, bytes| Event::SaLimit {
+        peer: p,
+        spi,
+        seq,
+        bytes,
+    };
+    assert_eq!(dp.take_events(10), vec![want(0x3001, 2, 120)]);
+    // A byte limit of 150 inner bytes (each packet has 60).
+    dp.set_outbound_sa_with_limits(p, Some(sa(0x3002, 2)), None, Some(150))
+        .unwrap();
+    send(4, 8);
+    assert_eq!(dp.take_events(10), vec![want(0x3002, 3, 180)]);
+    // A limit above the data plane's: the data plane's applies.
+    dp.set_outbound_sa_with_limits(p, Some(sa(0x3003, 3)), Some(1000), None)
+        .unwrap();
+    send(6, 14);
+    assert_eq!(dp.take_events(10), vec![want(0x3003, 5, 300)]);
 }
 
 #[test]
@@ -874,4 +921,146 @@ fn stream_transport_backpressure_loses_nothing() {
         assert_eq!(tag(&body[..len]), i as u64);
     }
     assert_eq!(get(dp.totals(), "drop_send_failed"), 0);
+}
+
+/// RFC 8229 mode, byte for byte on the far end of the socket: the side that opened the
+/// connection sends `IKETCP` once, every frame's length counts itself, control messages keep
+/// their non-ESP marker, ESP packets go as they are (starting with our SPI).
+#[test]
+fn stream_transport_rfc8229_wire_format() {
+    use simpletun_core::dp::stream::StreamTransport;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let dev = Arc::new(FakeDevice::new(Kind::Tun).unwrap());
+    let dp = DataPlane::start(dev.clone(), DpConfig::default()).unwrap();
+    let st = Arc::new(StreamTransport::rfc8229(65535).unwrap());
+    let tr = dp.add_transport(st.clone()).unwrap();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let ep = addr("192.0.2.7:4500");
+    st.add_connection_as(a.as_raw_fd(), ep, true).unwrap();
+    let p = dp.add_peer(tr, &[pfx("0.0.0.0/0")], Some(ep)).unwrap();
+    dp.add_inbound_sa(p, sa(0x2001, 2)).unwrap();
+    dp.set_outbound_sa(p, Some(sa(0x1001, 1))).unwrap();
+    let mut prefix = [0u8; 6];
+    b.read_exact(&mut prefix).unwrap();
+    assert_eq!(&prefix, b"IKETCP");
+    // A control message: length = 2 + marker + body.
+    let mut m = NON_ESP_MARKER.to_vec();
+    m.extend_from_slice(&[7; 30]);
+    dp.send_control(tr, ep, &m).unwrap();
+    let mut hdr = [0u8; 2];
+    b.read_exact(&mut hdr).unwrap();
+    assert_eq!(u16::from_be_bytes(hdr) as usize, 2 + m.len());
+    let mut body = vec![0u8; m.len()];
+    b.read_exact(&mut body).unwrap();
+    assert_eq!(body, m);
+    // An ESP packet: starts with the outbound SPI, decrypts with the peer's SA.
+    let pkt = ipv4([10, 0, 0, 1], [10, 0, 0, 2], 42);
+    dev.inject(&pkt);
+    b.read_exact(&mut hdr).unwrap();
+    let n = u16::from_be_bytes(hdr) as usize - 2;
+    let mut esp = vec![0u8; n];
+    b.read_exact(&mut esp).unwrap();
+    assert_eq!(&esp[..4], &0x1001u32.to_be_bytes());
+    let mut peer_in = sa(0x1001, 1);
+    let d = peer_in.decap_in_place(&mut esp).unwrap();
+    assert_eq!(&esp[d.inner], &pkt[..]);
+    // The other way: a control message and an ESP packet from the peer (no prefix: we opened).
+    let back = ipv4([10, 0, 0, 2], [10, 0, 0, 1], 43);
+    let mut peer_out = sa(0x2001, 2);
+    let mut buf = vec![0u8; PAYLOAD_OFFSET + back.len() + 64];
+    buf[PAYLOAD_OFFSET..PAYLOAD_OFFSET + back.len()].copy_from_slice(&back);
+    let len = peer_out
+        .encap_in_place(&mut buf, back.len(), NH_IPV4)
+        .unwrap();
+    let mut w = ((m.len() + 2) as u16).to_be_bytes().to_vec();
+    w.extend_from_slice(&m);
+    w.extend_from_slice(&((len + 2) as u16).to_be_bytes());
+    w.extend_from_slice(&buf[..len]);
+    b.write_all(&w).unwrap();
+    assert_eq!(dev.take(T).unwrap(), back);
+    eventually("control", || get(dp.totals(), "control_rx") == 1);
+    assert_eq!(
+        dp.take_events(4),
+        vec![Event::Control {
+            transport: tr,
+            from: ep,
+            payload: m
+        }]
+    );
+}
+
+/// RFC 8229 mode, a connection the peer opened: it must start with `IKETCP` (else closed with
+/// the reason), a length below 2 closes it (counted drop_bad_length), an oversized frame is
+/// skipped and counted, and nothing panics.
+#[test]
+fn stream_transport_rfc8229_bad_streams_are_closed_and_counted() {
+    use simpletun_core::dp::stream::StreamTransport;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    let dev = Arc::new(FakeDevice::new(Kind::Tun).unwrap());
+    let dp = DataPlane::start(dev, DpConfig::default()).unwrap();
+    let st = Arc::new(StreamTransport::rfc8229(100).unwrap());
+    let tr = dp.add_transport(st.clone()).unwrap();
+    let closed = |ep: SocketAddr| {
+        let mut evs = Vec::new();
+        eventually("closed", || {
+            evs.extend(dp.take_events(8));
+            evs.iter().any(|e| matches!(e, Event::Closed { .. }))
+        });
+        evs.into_iter()
+            .find_map(|e| match e {
+                Event::Closed {
+                    transport,
+                    endpoint,
+                    reason,
+                } if transport == tr && endpoint == ep => Some(reason),
+                _ => None,
+            })
+            .expect("closed event of that connection")
+    };
+    // No prefix: a classic frame.
+    let (a, mut b) = UnixStream::pair().unwrap();
+    st.add_connection(a.as_raw_fd(), addr("10.0.0.1:1"))
+        .unwrap();
+    b.write_all(&[0, 6, 0, 0, 0, 0, 1, 2]).unwrap();
+    assert!(closed(addr("10.0.0.1:1")).contains("IKETCP"));
+    // Prefix split, an oversized frame, a control message, then length 1.
+    let (a, mut b) = UnixStream::pair().unwrap();
+    st.add_connection(a.as_raw_fd(), addr("10.0.0.2:2"))
+        .unwrap();
+    b.write_all(b"IKE").unwrap();
+    b.write_all(b"TCP").unwrap();
+    b.write_all(&202u16.to_be_bytes()).unwrap();
+    b.write_all(&[0xab; 200]).unwrap();
+    b.write_all(&[0, 8, 0, 0, 0, 0, 1, 2]).unwrap();
+    eventually("control", || get(dp.totals(), "control_rx") == 1);
+    assert_eq!(get(dp.totals(), "drop_oversize"), 1);
+    b.write_all(&[0, 1, 9, 9, 9]).unwrap();
+    let why = closed(addr("10.0.0.2:2"));
+    assert!(why.contains("length field 1"), "{why}");
+    assert_eq!(get(dp.totals(), "drop_bad_length"), 1);
+    assert!(st.connections().is_empty());
+    // Random streams after a good prefix: every one ends, none panics.
+    let mut x: u64 = 12345;
+    for k in 0..50u16 {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let ep = addr(&format!("10.0.1.{}:{k}", k % 250));
+        st.add_connection(a.as_raw_fd(), ep).unwrap();
+        let mut junk = b"IKETCP".to_vec();
+        for _ in 0..300 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            junk.push(x as u8);
+        }
+        b.write_all(&junk).unwrap();
+        drop(b);
+        let _ = closed(ep);
+    }
+    assert!(dp.running());
 }

@@ -270,3 +270,43 @@ pub fn parse_frames(stream: &[u8], max: usize) -> (Vec<FrameItem>, usize) {
         pos += 2 + len;
     }
 }
+
+/// What the reference RFC 8229 parser makes of a whole stream: the frames (`None` for one
+/// above the bound), and whether the stream broke (a missing `IKETCP` prefix or a length field
+/// below 2, which counts itself).
+pub fn parse_frames_8229(stream: &[u8], max: usize, prefix: bool) -> (Vec<Option<Vec<u8>>>, bool) {
+    let mut items = Vec::new();
+    let mut pos = 0;
+    if prefix {
+        let n = stream.len().min(6);
+        if stream[..n] != b"IKETCP"[..n] {
+            return (items, true);
+        }
+        if n < 6 {
+            return (items, false);
+        }
+        pos = 6;
+    }
+    loop {
+        let rest = &stream[pos..];
+        if rest.len() < 2 {
+            return (items, false);
+        }
+        let field = ((rest[0] as usize) << 8) | rest[1] as usize;
+        if field < 2 {
+            return (items, true);
+        }
+        let len = field - 2;
+        if len > max {
+            items.push(None);
+            if rest.len() < 2 + len {
+                return (items, false);
+            }
+        } else if rest.len() < 2 + len {
+            return (items, false);
+        } else {
+            items.push(Some(rest[2..2 + len].to_vec()));
+        }
+        pos += 2 + len;
+    }
+}

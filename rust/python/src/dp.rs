@@ -112,9 +112,24 @@ impl PyDataPlane {
     /// its id. Connections are added with add_tcp_connection. `plaintext`: frames carry raw
     /// packets (simpletun.c's --plaintext), no ESP; its peers need no SA. `control` false:
     /// control frames are dropped (`drop_control`), for connections handshaken beforehand.
-    #[pyo3(signature = (max_frame=65535, *, plaintext=false, control=true))]
-    fn add_tcp(&self, max_frame: usize, plaintext: bool, control: bool) -> PyResult<usize> {
-        let t = if plaintext {
+    /// `rfc8229`: RFC 8229 framing (IKE and ESP over TCP: the length counts itself, the side
+    /// that opened a connection sends `IKETCP` first).
+    #[pyo3(signature = (max_frame=65535, *, plaintext=false, control=true, rfc8229=false))]
+    fn add_tcp(
+        &self,
+        max_frame: usize,
+        plaintext: bool,
+        control: bool,
+        rfc8229: bool,
+    ) -> PyResult<usize> {
+        if rfc8229 && (plaintext || !control) {
+            return Err(errors::config_error(
+                "an RFC 8229 transport carries IKE and ESP: plaintext=True or control=False do not go with rfc8229=True",
+            ));
+        }
+        let t = if rfc8229 {
+            StreamTransport::rfc8229(max_frame)
+        } else if plaintext {
             StreamTransport::plaintext(max_frame)
         } else {
             StreamTransport::new(max_frame)
@@ -131,15 +146,19 @@ impl PyDataPlane {
 
     /// Carry frames on (a duplicate of) connected socket `sock_fd`, addressed as `endpoint`
     /// (normally its peer address); replaces a connection with the same endpoint.
+    /// `opened_by_us` (RFC 8229 transports): we connected, so we send `IKETCP` first; else
+    /// the peer must (a connection that does not start with it is closed).
+    #[pyo3(signature = (transport, sock_fd, endpoint, *, opened_by_us=false))]
     fn add_tcp_connection(
         &self,
         transport: usize,
         sock_fd: i32,
         endpoint: (String, u16),
+        opened_by_us: bool,
     ) -> PyResult<()> {
         let ep = self::endpoint(endpoint)?;
         self.stream(transport)?
-            .add_connection(sock_fd, ep)
+            .add_connection_as(sock_fd, ep, opened_by_us)
             .map_err(start_error)
     }
 
@@ -194,8 +213,11 @@ impl PyDataPlane {
         self.dp.add_inbound_sa(peer, sa).map_err(dp_error)
     }
 
-    /// Make this the peer's outbound SA (the previous one is wiped).
-    #[pyo3(signature = (peer, spi, enc_key, auth_key, *, esn=false))]
+    /// Make this the peer's outbound SA (the previous one is wiped). `soft_packets` /
+    /// `soft_bytes`: this SA's own soft limits for the "sa_limit" event (at most the data
+    /// plane's soft_seq / soft_bytes, which apply when None).
+    #[pyo3(signature = (peer, spi, enc_key, auth_key, *, esn=false, soft_packets=None, soft_bytes=None))]
+    #[allow(clippy::too_many_arguments)]
     fn set_outbound_sa(
         &self,
         peer: u32,
@@ -203,10 +225,14 @@ impl PyDataPlane {
         enc_key: &[u8],
         auth_key: &[u8],
         esn: bool,
+        soft_packets: Option<u64>,
+        soft_bytes: Option<u64>,
     ) -> PyResult<()> {
         let sa = SecurityAssociation::new(spi, enc_key, auth_key, DEFAULT_REPLAY_WINDOW, esn)
             .map_err(errors::sa_config_error)?;
-        self.dp.set_outbound_sa(peer, Some(sa)).map_err(dp_error)
+        self.dp
+            .set_outbound_sa_with_limits(peer, Some(sa), soft_packets, soft_bytes)
+            .map_err(dp_error)
     }
 
     fn clear_outbound_sa(&self, peer: u32) -> PyResult<()> {

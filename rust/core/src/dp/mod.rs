@@ -133,6 +133,9 @@ fn err<T>(msg: impl Into<String>) -> Result<T, DpError> {
 struct OutSa {
     sa: Zeroizing<SecurityAssociation>,
     warned: bool,
+    /// This SA's soft limits (at most the data plane's).
+    soft_seq: u64,
+    soft_bytes: u64,
 }
 
 struct Peer {
@@ -486,10 +489,26 @@ impl DataPlane {
         peer: u32,
         sa: Option<SecurityAssociation>,
     ) -> Result<(), DpError> {
+        self.set_outbound_sa_with_limits(peer, sa, None, None)
+    }
+
+    /// [`set_outbound_sa`](Self::set_outbound_sa) with this SA's own soft limits: the
+    /// sequence number (packets sent) and inner bytes at which [`Event::SaLimit`] fires; each
+    /// is at most the data plane's own ([`DpConfig`]), which also applies when `None`.
+    pub fn set_outbound_sa_with_limits(
+        &self,
+        peer: u32,
+        sa: Option<SecurityAssociation>,
+        soft_seq: Option<u64>,
+        soft_bytes: Option<u64>,
+    ) -> Result<(), DpError> {
         let p = self.peer(peer)?;
+        let c = &self.inner.config;
         let new = sa.map(|sa| OutSa {
             sa: Zeroizing::new(sa),
             warned: false,
+            soft_seq: soft_seq.map_or(c.soft_seq, |v| v.min(c.soft_seq)),
+            soft_bytes: soft_bytes.map_or(c.soft_bytes, |v| v.min(c.soft_bytes)),
         });
         let has = new.is_some();
         let old = std::mem::replace(&mut *lock(&p.out), new);
@@ -738,9 +757,7 @@ fn device_loop(inner: &Inner) -> String {
             match osa.sa.encap_in_place(&mut buf[..], n, nh) {
                 Ok(len) => {
                     let (seq, bytes) = (osa.sa.tx_seq(), osa.sa.stats().encap_bytes);
-                    if !osa.warned
-                        && (seq >= inner.config.soft_seq || bytes >= inner.config.soft_bytes)
-                    {
+                    if !osa.warned && (seq >= osa.soft_seq || bytes >= osa.soft_bytes) {
                         osa.warned = true;
                         inner.event(Event::SaLimit {
                             peer: peer.id,

@@ -11,6 +11,13 @@
 //! Plaintext mode ([`StreamTransport::plaintext`]): frames carry raw inner packets, byte-compatible
 //! with the classic simpletun.c; the data plane then bypasses ESP for its peers.
 //!
+//! RFC 8229 mode ([`StreamTransport::rfc8229`]): TCP encapsulation of IKE and ESP. The length
+//! counts itself; a connection we opened ([`add_connection_as`](StreamTransport::add_connection_as)
+//! with `opened_by_us`) starts with the `IKETCP` prefix we send, one the peer opened must start
+//! with it (else it is closed). IKE messages carry the non-ESP marker and go to the control path
+//! as on UDP; ESP packets travel as they are. A length below 2 ends the connection (counted
+//! `drop_bad_length`).
+//!
 //! A connection that ends (peer closed, socket error) is reported with its reason through
 //! [`Transport::take_closed`] (the data plane turns it into an event).
 
@@ -23,7 +30,7 @@ use std::sync::{Arc, Mutex};
 
 use super::sys;
 use super::transport::{Datagram, Transport, TransportKind};
-use crate::frame::{Event, FrameParser, MAX_FRAME, PREFIX_LEN};
+use crate::frame::{Event, FrameParser, Framing, StreamError, IKETCP, MAX_FRAME, PREFIX_LEN};
 
 /// Most unsent bytes held per connection.
 pub const TX_LIMIT: usize = 4 << 20;
@@ -71,6 +78,7 @@ pub struct StreamTransport {
     max_frame: usize,
     plaintext: bool,
     control: bool,
+    framing: Framing,
     /// Some connection may hold more than TX_LIMIT unsent bytes.
     full: AtomicBool,
 }
@@ -92,6 +100,14 @@ impl StreamTransport {
     /// Frames carrying ESP and control messages.
     pub fn new(max_frame: usize) -> io::Result<StreamTransport> {
         StreamTransport::with_mode(max_frame, false)
+    }
+
+    /// RFC 8229 frames (IKE with the non-ESP marker, and ESP) for IKEv2 over TCP.
+    pub fn rfc8229(max_frame: usize) -> io::Result<StreamTransport> {
+        let mut t = StreamTransport::with_mode(max_frame, false)?;
+        t.framing = Framing::Rfc8229;
+        t.max_frame = t.max_frame.min(Framing::Rfc8229.max_payload());
+        Ok(t)
     }
 
     /// Frames carrying raw inner packets (simpletun.c's `--plaintext` wire format).
@@ -129,6 +145,7 @@ impl StreamTransport {
             max_frame: max_frame.min(MAX_FRAME),
             plaintext,
             control: !plaintext,
+            framing: Framing::Classic,
             full: AtomicBool::new(false),
         })
     }
@@ -136,6 +153,17 @@ impl StreamTransport {
     /// Carry frames on (a duplicate of) the connected stream socket `fd`, known to peers as
     /// `endpoint`. A connection already using that endpoint is replaced (closed).
     pub fn add_connection(&self, fd: RawFd, endpoint: SocketAddr) -> io::Result<()> {
+        self.add_connection_as(fd, endpoint, false)
+    }
+
+    /// [`add_connection`](Self::add_connection); `opened_by_us` matters in RFC 8229 mode only:
+    /// we connected, so we send the `IKETCP` prefix first; otherwise the peer must.
+    pub fn add_connection_as(
+        &self,
+        fd: RawFd,
+        endpoint: SocketAddr,
+        opened_by_us: bool,
+    ) -> io::Result<()> {
         let ty = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(-1);
         if ty != libc::SOCK_STREAM {
             return Err(io::Error::new(
@@ -171,6 +199,7 @@ impl StreamTransport {
             libc::EPOLLIN as u32,
             token,
         )?;
+        let prefix = self.framing == Framing::Rfc8229 && opened_by_us;
         let conn = Arc::new(Conn {
             fd,
             token,
@@ -179,16 +208,34 @@ impl StreamTransport {
                 buf: vec![0; RX_BUF],
                 start: 0,
                 end: 0,
-                parser: FrameParser::new(self.max_frame),
+                parser: match self.framing {
+                    Framing::Classic => FrameParser::new(self.max_frame),
+                    Framing::Rfc8229 => FrameParser::rfc8229(self.max_frame, !opened_by_us),
+                },
             }),
             tx: Mutex::new(Tx {
-                buf: Vec::new(),
+                buf: if self.framing == Framing::Rfc8229 && opened_by_us {
+                    IKETCP.to_vec()
+                } else {
+                    Vec::new()
+                },
                 sent: 0,
                 want_out: false,
             }),
         });
         c.by_token.insert(token, conn);
         c.by_addr.insert(endpoint, token);
+        if prefix {
+            let conn = c.by_token.get(&token).cloned();
+            drop(c);
+            if let Some(conn) = conn {
+                let mut tx = lock(&conn.tx);
+                if let Err(e) = self.flush(&conn, &mut tx) {
+                    drop(tx);
+                    self.close(&conn, socket_error(&e));
+                }
+            }
+        }
         // Frames may already be waiting.
         sys::signal(&self.kick);
         Ok(())
@@ -285,7 +332,24 @@ impl StreamTransport {
         let rx = &mut *rx;
         loop {
             while *next < bufs.len() {
-                match rx.parser.next(&rx.buf[rx.start..rx.end]) {
+                let ev = match rx.parser.parse(&rx.buf[rx.start..rx.end]) {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        if let StreamError::BadLength(_) = e {
+                            // An empty datagram: counted drop_bad_length by the data plane.
+                            out.push(Datagram {
+                                buf: *next,
+                                start: 0,
+                                len: 0,
+                                from: conn.endpoint,
+                                truncated: false,
+                            });
+                            *next += 1;
+                        }
+                        return Some(e.to_string());
+                    }
+                };
+                match ev {
                     Event::Frame(r) => {
                         let n = r.len();
                         bufs[*next][..n]
@@ -409,7 +473,8 @@ impl Transport for StreamTransport {
                 if tx.buf.len() - tx.sent > HARD_LIMIT {
                     continue;
                 }
-                tx.buf.extend_from_slice(&(p.len() as u16).to_be_bytes());
+                tx.buf
+                    .extend_from_slice(&self.framing.length_field(p.len()).to_be_bytes());
                 tx.buf.extend_from_slice(p);
                 sent += 1;
                 if !touched.iter().any(|t| t.token == conn.token) {
