@@ -71,7 +71,10 @@ Usage:
                    ESP-in-UDP; --key is the IKE pre-shared key; a server needs --listen)
   --dataplane DP   userspace (default) or kernel: ESP in the Linux kernel (xfrm, an xfrm
                    interface carries the routes; udp/raw only, needs --manual-keys)
-  --manual-keys F  manual key file (SPIs + keys per direction; same file on both ends)
+  --manual-keys F  manual key file (SPIs + keys per direction; same file on both ends): no
+                   handshake, for either data plane; udp/raw only
+  --peer HOST      server with --manual-keys: the client's address (required with --dataplane
+                   kernel; without it the userspace server learns it from the first packet)
   --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
@@ -133,6 +136,7 @@ _METAVARS = {
     "--key-exchange": "K",
     "--dataplane": "DP",
     "--manual-keys": "FILE",
+    "--peer": "HOST",
 }
 
 
@@ -190,6 +194,7 @@ def _parser() -> _Parser:
     p.add_argument("--key-exchange", dest="key_exchange", default="psk")
     p.add_argument("--dataplane", type=_dataplane, default="userspace")
     p.add_argument("--manual-keys", dest="manual_keys")
+    p.add_argument("--peer", dest="peer", type=_host)
     return p
 
 
@@ -213,6 +218,11 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         raise UsageError("-i IFNAME is required: the tunnel device to use, e.g. -i tun0")
     if ns.plaintext and ns.key is not None:
         raise UsageError("--key and --plaintext are mutually exclusive; pick one")
+    if ns.manual_keys is not None and (ns.plaintext or ns.cipher is not None):
+        raise UsageError(
+            "--manual-keys: the key file gives the cipher (its enc-key length) and always "
+            "encrypts; drop --cipher / --plaintext"
+        )
     if ns.plaintext and ns.cipher is not None:
         raise UsageError("--cipher does not apply to --plaintext (it sends packets unencrypted)")
     key = None
@@ -268,7 +278,21 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         transport=ns.transport,
         dataplane=ns.dataplane,
         manual_keys=ns.manual_keys,
+        peer=ns.peer,
     ), ns.debug
+
+
+def preflight(config: Config) -> None:
+    """What can be refused before a tunnel starts (ConfigError): the manual key file against
+    the tunnel, and for the kernel data plane its ESP support. Used by the CLI and ``up``."""
+    if config.dataplane == "kernel":
+        from simpletun import kernel_dp
+
+        kernel_dp.preflight(config)
+    elif config.manual_keys is not None:
+        from simpletun.config import check_manual_keys
+
+        check_manual_keys(config)
 
 
 def _error(message: str, status: int) -> int:
@@ -470,13 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0
     config, debug = parsed
-    if config.dataplane == "kernel":  # a kernel without ESP: one line, exit 2
-        from simpletun import kernel_dp
-
-        try:
-            kernel_dp.preflight(config)
-        except ConfigError as e:
-            return _error(str(e), 2)
+    try:  # a bad key file, a kernel without ESP: one line, exit 2, before anything starts
+        preflight(config)
+    except ConfigError as e:
+        return _error(str(e), 2)
     limiter = _setup_logging(debug)
     from functools import partial
 

@@ -96,10 +96,9 @@ def up(argv: list[str]) -> int:
     if not pos:
         raise ConfigError(f"up needs a config: {PROG} up NAME (/etc/simpletun/NAME.toml) or a path")
     tf = configfile.load(pos[0])  # ConfigFileError: one line, exit 2
-    if tf.config.dataplane == "kernel":  # e.g. a kernel without ESP: one line, exit 2, now
-        from simpletun import kernel_dp
+    from simpletun.cli import preflight
 
-        kernel_dp.preflight(tf.config)
+    preflight(tf.config)  # a bad manual key file, a kernel without ESP: one line, exit 2, now
     debug = "-d" in flags
     if "--foreground" in flags:
         return _foreground(tf, debug)

@@ -283,6 +283,14 @@ def loads(text: str, path: Path) -> TunnelFile:
         mk_file = str(path.parent / mk_file)
     if plaintext and key_file is not None:
         raise w.error("interface", "key_file", "plaintext = true and key_file exclude each other")
+    if mk_file is not None:
+        for other in ("key_file", "plaintext", "cipher"):
+            if other in iface:
+                raise w.error(
+                    "interface", other,
+                    "does not go with manual_keys_file (the key file has the keys and cipher, "
+                    "and there is no handshake); remove it",
+                )  # fmt: skip
     if not plaintext and key_file is None and mk_file is None:
         raise w.error(
             "interface",
@@ -328,6 +336,10 @@ def loads(text: str, path: Path) -> TunnelFile:
         )
     listen_port = iface.get("listen_port")
     client = bool(peers and peers[0].endpoint)
+    peer_addr = None
+    if mk_file is not None and listen_port is not None and client:
+        # manual keys: a server's [[peer]] endpoint is the client's fixed address
+        peer_addr, client = peers[0].endpoint[0], False
     if listen_port is not None and client:
         raise w.error(
             "interface",
@@ -354,29 +366,35 @@ def loads(text: str, path: Path) -> TunnelFile:
         for p in peers
     ]  # fmt: skip
     routes = tuple(r for p in peers for r in p.allowed_ips)
-    config = Config(
-        server=not client,
-        ifname=name,
-        host=peers[0].endpoint[0] if client else listen_address,
-        port=peers[0].endpoint[1] if client else listen_port,
-        tap=mode == "tap",
-        key=key,
-        cipher=cipher or DEFAULT_CIPHER,
-        mtu=mtu
-        if mtu is not None
-        else default_mtu(
-            transport,
-            peers[0].endpoint[0] if client else listen_address,
-            tap=mode == "tap",
+    try:
+        config = Config(
             server=not client,
-        ),
-        transport=transport,
-        dataplane=dataplane,
-        manual_keys=mk_file,
-        addresses=addresses,
-        routes=routes,
-        keepalive=peers[0].persistent_keepalive if peers else None,
-    )
+            ifname=name,
+            host=peers[0].endpoint[0] if client else listen_address,
+            port=peers[0].endpoint[1] if client else listen_port,
+            tap=mode == "tap",
+            key=key,
+            cipher=cipher or DEFAULT_CIPHER,
+            mtu=mtu
+            if mtu is not None
+            else default_mtu(
+                transport,
+                peers[0].endpoint[0] if client else listen_address,
+                tap=mode == "tap",
+                server=not client,
+            ),
+            transport=transport,
+            dataplane=dataplane,
+            manual_keys=mk_file,
+            peer=peer_addr,
+            addresses=addresses,
+            routes=routes,
+            keepalive=peers[0].persistent_keepalive if peers else None,
+        )
+    except ConfigFileError:
+        raise
+    except ConfigError as e:  # a combination only the whole tunnel shows
+        raise ConfigFileError(f"{path}: {e}") from None
     post_up = tuple(_strings(w, "interface", "post_up", iface.get("post_up", [])))
     pre_down = tuple(_strings(w, "interface", "pre_down", iface.get("pre_down", [])))
     return TunnelFile(path, config, tuple(peers), post_up, pre_down, key_file)
@@ -574,7 +592,10 @@ def dumps(tf: TunnelFile) -> str:
         if c.host:
             out.append(f"listen_address = {q(c.host)}")
     out.append(f"mtu = {c.mtu}")
-    if not c.esp:
+    if c.manual_keys is not None:
+        out.append(f"dataplane = {q(c.dataplane)}")
+        out.append(f"manual_keys_file = {q(c.manual_keys)}")
+    elif not c.esp:
         out.append("plaintext = true")
     else:
         out.append(f"key_file = {q(tf.key_file or '')}")

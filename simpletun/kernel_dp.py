@@ -26,13 +26,21 @@ UDP_ENCAP_ESPINUDP = 2
 
 
 def _endpoints(config) -> tuple[str, str]:
-    """(local, remote) outer addresses: the route to the peer picks the local one."""
-    if not config.host:
+    """(local, remote) outer addresses: the client's peer is ``-c HOST``, the server's
+    ``--peer HOST``; the local one is the server's ``--listen`` address or what the route to
+    the peer picks."""
+    remote_host = config.peer if config.server else config.host
+    if not remote_host:
         raise ConfigError(
-            "--dataplane kernel: the server needs --listen ADDR and the client -c HOST: "
-            "manual keying has no handshake to learn the peer's address"
+            "--dataplane kernel -s needs --peer HOST (the client's address: manual keying has "
+            "no handshake to learn it)"
         )
-    remote = socket.getaddrinfo(config.host, None, type=socket.SOCK_DGRAM)[0][4][0]
+    try:
+        remote = socket.getaddrinfo(remote_host, None, type=socket.SOCK_DGRAM)[0][4][0]
+    except OSError as e:
+        raise ConfigError(f"cannot resolve the peer address {remote_host!r}: {e}") from None
+    if config.server and config.host:
+        return socket.getaddrinfo(config.host, None, type=socket.SOCK_DGRAM)[0][4][0], remote
     fam = socket.AF_INET6 if ":" in remote else socket.AF_INET
     with socket.socket(fam, socket.SOCK_DGRAM) as s:
         s.connect((remote, 9))
@@ -43,20 +51,11 @@ def _endpoints(config) -> tuple[str, str]:
 def preflight(config) -> manual_keys.ManualKeys:
     """Everything checkable before anything is created; ConfigError (exit 2) otherwise, e.g.
     the kernel has no ESP: one line naming the missing option and --dataplane userspace."""
-    if config.transport == "tcp":
-        raise ConfigError("--dataplane kernel is for --transport udp or raw (ESP), not tcp")
-    if not config.manual_keys:
-        raise ConfigError(
-            "--dataplane kernel needs --manual-keys FILE (the same file on both ends)"
-        )
-    mk = manual_keys.load(config.manual_keys)
-    want = "esp-in-udp" if config.transport == "udp" else "esp"
-    if mk.transport != want:
-        raise ConfigError(
-            f"--manual-keys {config.manual_keys}: transport = {mk.transport!r} but "
-            f"--transport {config.transport}; set transport = {want!r} in the file"
-        )
-    family = socket.AF_INET6 if config.host and ":" in config.host else socket.AF_INET
+    from simpletun.config import check_manual_keys
+
+    mk = check_manual_keys(config)
+    peer = config.peer if config.server else config.host
+    family = socket.AF_INET6 if peer and ":" in peer else socket.AF_INET
     xfrm.check_esp(family)  # KernelEspMissing (a ConfigError): the one line
     return mk
 
@@ -140,6 +139,7 @@ class KernelTunnel:
             self, transport, (self.remote, _Hs, self.stats(), self.duration)
         )
         st["dataplane"] = "kernel"
+        st["encryption"] = self.keys.describe()
         st["listen_port"] = self.port
         return st
 

@@ -364,7 +364,8 @@ def tunnel_status(t, transport: str, session) -> dict:
         "transport": transport,
         "dataplane": "userspace",
         "listen_port": t.port if c.server else None,
-        "encryption": f"ESP {c.cipher}" if c.esp else "plaintext",
+        "encryption": getattr(t, "encryption", None)
+        or (f"ESP {c.cipher}" if c.esp else "plaintext"),
         "mtu": c.mtu,
         "addresses": [str(a) for a in c.addresses],
         "up": session is not None,

@@ -64,6 +64,7 @@ def test_cli_kernel_without_esp_one_line_exit_2(tmp_path, needs_root):
         skip("this kernel has ESP: the ESP-less path cannot be observed here")
     mk = _keyfile(tmp_path)
     cmd = [sys.executable, "-m", "simpletun", "-i", "stk0", "-s", "--listen", "127.0.0.1"]
+    cmd += ["--peer", "127.0.0.2"]
     cmd += ["--transport", "udp", "--dataplane", "kernel", "--manual-keys", mk]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done
