@@ -384,21 +384,38 @@ class DatagramTunnel:
         return dict(self.dp.stats) if self.dp is not None else {}
 
     def status(self) -> dict:
-        """What ``simpletun status`` shows (``session.tunnel_status``, one place for both)."""
-        from simpletun.session import tunnel_status
+        """What ``simpletun status`` shows (``session.tunnel_status``, one place for both),
+        with each SA's sequence number and counters from the data plane's SA table and the
+        tunnel-wide drops (e.g. packets for an unknown SPI)."""
+        from simpletun.session import overlay_sas, tunnel_status
 
         sess = self._session
         view = None
         if sess is not None:
             view = (hs_peer(sess.addr), sess.handshake, sess.stats, sess.duration)
-        return tunnel_status(self, self.transport, view)
+        st = tunnel_status(self, self.transport, view)
+        if self.dp is not None:
+            if sess is not None:
+                table = {(s["spi"], s["inbound"]): s for s in self.dp.sas()}
+                out = table.get((sess.handshake.tx.spi, False), {})
+                inn = table.get((sess.handshake.rx.spi, True), {})
+                overlay_sas(st["peers"][0], out, inn)
+            st["drops"] = {k[5:]: v for k, v in self.stats().items() if k.startswith("drop_") and v}
+        return st
 
 
 class _Plane:
     """A DataPlane with its UDP transport and (raw mode) raw ESP transports, and the sockets
     it was given (owned here, closed by ``close``)."""
 
-    def __init__(self, device, tap: bool, udp: socket.socket, raw_families: tuple[int, ...]):
+    def __init__(
+        self,
+        device,
+        tap: bool,
+        udp: socket.socket,
+        raw_families: tuple[int, ...],
+        raw_bind: str | None = None,
+    ):
         from simpletun._core import DataPlane
 
         self.socks = [udp]
@@ -409,6 +426,12 @@ class _Plane:
             for fam in raw_families:
                 try:
                     s = raw_esp_socket(fam)
+                    if raw_bind is not None:  # only ESP to this address (--listen)
+                        try:
+                            s.bind((raw_bind, 0))
+                        except OSError:
+                            s.close()
+                            raise
                 except OSError as e:
                     if fam == socket.AF_INET6 and len(raw_families) > 1:
                         log.debug("no IPv6 raw ESP socket: %s", e)
@@ -715,7 +738,8 @@ async def manual(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunnel
     except OSError as e:
         raise SimpletunError(f"cannot bind UDP port {mk.port}: {e.strerror or e}") from None
     try:
-        plane = _Plane(device, config.tap, udp, (family,) if transport == "raw" else ())
+        fams = (family,) if transport == "raw" else ()
+        plane = _Plane(device, config.tap, udp, fams, raw_bind=bind_host)
     except BaseException:
         udp.close()
         raise

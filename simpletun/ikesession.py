@@ -165,11 +165,11 @@ class IkeGlue:
             log.warning("Child SA %08x of unknown IKE SA %s not installed", a.spi_in, a.sa)
             return
         esn = a.suite.esn
+        if a.encap is not None:  # first: a kernel SA needs the peer's address
+            self.dp.set_endpoint(st.dp_peer, tuple(a.encap[1]))
         self.dp.add_inbound_sa(st.dp_peer, a.spi_in, a.enc_in, a.auth_in, esn=esn)
         view = ChildView(a.spi_in, a.spi_out, a.suite.name(), a.sa, self.clock())
         st.children[a.spi_in] = view
-        if a.encap is not None:
-            self.dp.set_endpoint(st.dp_peer, tuple(a.encap[1]))
         if a.initiator or a.rekey_of is None or a.rekey_of not in st.children:
             self._switch_out(st, a)
         else:
@@ -357,40 +357,78 @@ async def run(
         glue = IkeGlue(ep, dp, udp, send500, local_ip)
         glue.dp_obj = dp
 
-        async def recv500() -> None:
-            port = sock500.getsockname()[1]
-            while True:
-                data, addr = await s500.recvfrom(65535)
-                glue.receive(data, port, (addr[0], addr[1]))
-
-        async def timers() -> None:
-            while True:
-                glue.changed = trio.Event()
-                wake = glue.next_wakeup()
-                delay = 1.0 if wake is None else max(0.0, wake - time.monotonic())
-                with trio.move_on_after(min(delay, 1.0)):
-                    await glue.changed.wait()
-                glue.tick()
-
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_events, dp, glue.on_event)
             nursery.start_soon(_watch_done, dp)
-            nursery.start_soon(recv500)
-            nursery.start_soon(timers)
+            nursery.start_soon(_recv, glue, s500, sock500.getsockname()[1])
+            nursery.start_soon(_timers, glue)
             for p in list(ep.peers):
                 glue.start(p)
             task_status.started(glue)
     finally:
         with trio.CancelScope(shield=True):
-            for st in list(getattr(locals().get("glue"), "peers", {}).values()):
-                for sa in ep.find(st.config.name):
-                    for a in ep.delete_ike(sa, time.monotonic()):
-                        if isinstance(a, Send) and a.local_port == NATT_PORT:
-                            try:
-                                dp.send_control(udp, a.remote, a.data)
-                            except SimpletunError:
-                                pass
+            _goodbye(locals().get("glue"), ep, lambda a: dp.send_control(udp, a.remote, a.data))
             await trio.to_thread.run_sync(dp.stop)
+
+
+async def _recv(glue: IkeGlue, sock, port: int) -> None:
+    """IKE datagrams of one (trio) socket to the endpoint."""
+    while True:
+        data, addr = await sock.recvfrom(65535)
+        glue.receive(data, port, (addr[0], addr[1]))
+
+
+async def _timers(glue: IkeGlue) -> None:
+    """The endpoint's timers (retransmissions, lifetimes, DPD) and re-initiations."""
+    while True:
+        glue.changed = trio.Event()
+        wake = glue.next_wakeup()
+        delay = 1.0 if wake is None else max(0.0, wake - time.monotonic())
+        with trio.move_on_after(min(delay, 1.0)):
+            await glue.changed.wait()
+        glue.tick()
+
+
+def _goodbye(glue: IkeGlue | None, ep: Endpoint, send4500) -> None:
+    """On exit: delete every IKE SA, telling the peers (port 4500 messages via ``send4500``)."""
+    for st in list(getattr(glue, "peers", {}).values()):
+        for sa in ep.find(st.config.name):
+            for a in ep.delete_ike(sa, time.monotonic()):
+                if isinstance(a, Send) and a.local_port == NATT_PORT:
+                    try:
+                        send4500(a)
+                    except (SimpletunError, OSError):
+                        pass
+
+
+async def run_with_plane(
+    plane, ep: Endpoint, sock500, sock4500, local_ip: str, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    """:func:`run` with another data plane (``kernel_dp.KernelPlane``): IKE on port 4500 is
+    read from ``sock4500`` itself (the kernel takes the ESP on it). The caller owns the
+    sockets and the plane; ``task_status.started`` gets the :class:`IkeGlue`."""
+    ep.force_encap = True
+    s500 = trio.socket.from_stdlib_socket(sock500)
+    s4500 = trio.socket.from_stdlib_socket(sock4500)
+
+    def send500(data: bytes, addr) -> None:
+        try:
+            sock500.sendto(data, addr)
+        except OSError as e:
+            log.debug("sending to %s from port 500 failed: %s", addr, e)
+
+    glue = IkeGlue(ep, plane, 0, send500, local_ip)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_recv, glue, s500, sock500.getsockname()[1])
+            nursery.start_soon(_recv, glue, s4500, NATT_PORT)
+            nursery.start_soon(_timers, glue)
+            for p in list(ep.peers):
+                glue.start(p)
+            task_status.started(glue)
+    finally:
+        with trio.CancelScope(shield=True):
+            _goodbye(glue, ep, lambda a: sock4500.sendto(a.data, tuple(a.remote)))
 
 
 # -- from a config file ------------------------------------------------------------------------
@@ -515,7 +553,7 @@ class IkeTunnel:
             "encryption": "ESP keyed by IKEv2",
             "role": "ikev2",
             "transport": "udp",
-            "dataplane": "userspace",
+            "dataplane": c.dataplane,
             "key_exchange": "ikev2",
             "listen_address": c.ike.local_ip,
             "listen_port": NATT_PORT,
