@@ -70,7 +70,7 @@ Usage:
   --key-exchange K psk (default: simpletun's own handshake) or ikev2 (RFC 7296 on UDP 500/4500,
                    ESP-in-UDP; --key is the IKE pre-shared key; a server needs --listen)
   --dataplane DP   userspace (default) or kernel: ESP in the Linux kernel (xfrm, an xfrm
-                   interface carries the routes; udp/raw only, needs --manual-keys)
+                   interface carries the routes; udp/raw with --manual-keys, or IKEv2)
   --manual-keys F  manual key file (SPIs + keys per direction; same file on both ends): no
                    handshake, for either data plane; udp/raw only
   --peer HOST      server with --manual-keys: the client's address (required with --dataplane
@@ -238,11 +238,8 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
 
         if key is None:
             raise UsageError("--key-exchange ikev2 needs --key FILE (the IKE pre-shared key)")
-        if ns.dataplane != "userspace" or ns.manual_keys is not None:
-            raise UsageError(
-                "--key-exchange ikev2 keys the userspace data plane in this version: "
-                "drop --dataplane kernel and --manual-keys"
-            )
+        if ns.manual_keys is not None:
+            raise UsageError("--key-exchange ikev2 negotiates its keys: drop --manual-keys")
         if ns.port is not None or ns.transport != "tcp" or ns.cipher is not None:
             raise UsageError(
                 "--key-exchange ikev2 runs on UDP 500/4500 with negotiated ciphers: "
@@ -257,7 +254,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         return Config(
             server=True, ifname=ns.ifname, host=ike.local_ip, port=ns.port, tap=ns.tap,
             mtu=ns.mtu, addresses=tuple(ns.addrs), routes=tuple(ns.routes), transport="udp",
-            ike=ike,
+            ike=ike, dataplane=ns.dataplane,
         ), ns.debug  # fmt: skip
     if ns.port is None:
         ns.port = DEFAULT_PORT if ns.transport == "tcp" else ESP_IN_UDP_PORT
@@ -288,7 +285,10 @@ def preflight(config: Config) -> None:
     if config.dataplane == "kernel":
         from simpletun import kernel_dp
 
-        kernel_dp.preflight(config)
+        if config.ike is not None:
+            kernel_dp.preflight_ike(config)
+        else:
+            kernel_dp.preflight(config)
     elif config.manual_keys is not None:
         from simpletun.config import check_manual_keys
 

@@ -432,12 +432,13 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
     transport = iface.get("transport", "udp")
     if transport != "udp":
         raise w.error("interface", "transport", 'IKEv2 tunnels use "udp" (ESP-in-UDP, 4500)')
-    if iface.get("dataplane", "userspace") != "userspace":
+    dataplane = iface.get("dataplane", "userspace")
+    if dataplane not in DATAPLANES:
         raise w.error(
-            "interface", "dataplane",
-            'IKEv2 keys the "userspace" data plane in this version (the kernel data plane '
-            "takes manual keys: manual_keys_file without key_exchange)",
-        )  # fmt: skip
+            "interface", "dataplane", f"{dataplane!r}: use one of {', '.join(DATAPLANES)}"
+        )
+    if "manual_keys_file" in iface:
+        raise w.error("interface", "manual_keys_file", 'does not go with key_exchange = "ikev2"')
     name, mode, addresses = _device(w, path, iface, check)
     if "listen_address" not in iface:
         raise w.error(
@@ -535,7 +536,7 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
         server=True, ifname=name, host=local_ip, port=ESP_IN_UDP_PORT, tap=mode == "tap",
         mtu=mtu if mtu is not None else default_mtu("udp", local_ip, tap=mode == "tap",
                                                     server=True),
-        transport="udp", addresses=addresses, routes=routes, ike=setup,
+        transport="udp", addresses=addresses, routes=routes, ike=setup, dataplane=dataplane,
     )  # fmt: skip
     peers = tuple(
         Peer(sp.name, sp.endpoint, sp.allowed_ips, p.get("persistent_keepalive"))

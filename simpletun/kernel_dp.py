@@ -275,10 +275,15 @@ class KernelPlane:
     stays with the socket. ``remove_inbound_sa(spi, grace)`` keeps the SA ``grace`` seconds.
     Not wired: the kernel's soft lifetimes (rekeys follow ``rekey_time`` only)."""
 
-    def __init__(self, local_ip: str, sock4500: socket.socket, *, netns: str | None = None):
+    def __init__(
+        self, local_ip: str, sock4500: socket.socket, *, netns: str | None = None, timer=None
+    ):
+        import threading
+
         self.local_ip = local_ip
         self.sock = sock4500
         self.netns = netns
+        self._timer = timer or threading.Timer  # (seconds, fn) -> a started-on-.start() timer
         self.peers_: dict[int, _KPeer] = {}
         self._next = 1
         self._timers: list = []
@@ -367,8 +372,6 @@ class KernelPlane:
             self._delete(old)
 
     def remove_inbound_sa(self, spi: int, grace: float = 0.0) -> None:
-        import threading
-
         for p in self.peers_.values():
             sa = p.inbound.get(spi)
             if sa is None:
@@ -380,7 +383,7 @@ class KernelPlane:
                     self._delete(sa)
 
             if grace > 0:
-                t = threading.Timer(grace, gone)
+                t = self._timer(grace, gone)
                 t.daemon = True
                 self._timers.append(t)
                 t.start()
@@ -513,7 +516,8 @@ async def run_ike(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                     tunnel.glue.on_sa_change = tunnel._sa_change
                     task_status.started(tunnel)
             finally:
-                await trio.to_thread.run_sync(plane.stop)
+                with trio.CancelScope(shield=True):  # cancelled is how it normally ends
+                    await trio.to_thread.run_sync(plane.stop)
         finally:
             s500.close()
             s4500.close()

@@ -139,3 +139,57 @@ def test_status_maps_xfrm_counters_onto_simpletun_names(tmp_path, monkeypatch):
     assert (peer["rx_packets"], peer["rx_bytes"]) == (2, 200)
     assert peer["drops"] == {"replay": 4, "auth": 5}
     assert [s["spi"] for s in peer["sas"]] == [f"0x{t.out_sa.spi:08x}", f"0x{t.in_sa.spi:08x}"]
+
+
+def _ike_kernel_file(tmp_path) -> str:
+    from simpletun import keys
+
+    psk = tmp_path / "peer.psk"
+    psk.write_text(keys.encode_key(keys.generate_key()))
+    psk.chmod(0o600)
+    return """
+[interface]
+key_exchange = "ikev2"
+dataplane = "kernel"
+address = ["10.9.0.2/24"]
+listen_address = "127.0.0.1"
+
+[[peer]]
+name = "gw"
+endpoint = "127.0.0.2"
+psk_file = "peer.psk"
+allowed_ips = ["10.9.1.0/24"]
+"""
+
+
+def test_ikev2_file_with_kernel_dataplane_runs_run_ike(tmp_path):
+    from pathlib import Path
+
+    from simpletun import configfile, kernel_dp, service
+
+    tf = configfile.loads(_ike_kernel_file(tmp_path), Path(tmp_path / "stk0.toml"))
+    assert tf.config.dataplane == "kernel" and tf.config.ike is not None
+    assert service.runner(tf.config) is kernel_dp.run_ike
+    with pytest.raises(configfile.ConfigFileError, match="manual_keys_file"):
+        configfile.loads(
+            _ike_kernel_file(tmp_path).replace(
+                "[interface]", '[interface]\nmanual_keys_file = "x"'
+            ),
+            Path(tmp_path / "stk0.toml"),
+        )
+
+
+def test_up_ikev2_kernel_without_esp_one_line_exit_2(tmp_path, needs_root):
+    if not _esp_missing():
+        skip("this kernel has ESP: the ESP-less path cannot be observed here")
+    conf = tmp_path / "stk0.toml"
+    conf.write_text(_ike_kernel_file(tmp_path))
+    env = dict(os.environ, SIMPLETUN_RUN_DIR=str(tmp_path / "run"))
+    done = subprocess.run(
+        [sys.executable, "-m", "simpletun", "up", "--foreground", str(conf)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CONFIG_INET_ESP" in lines[0], done.stderr
+    assert subprocess.run(["ip", "link", "show", "stk0"], capture_output=True).returncode

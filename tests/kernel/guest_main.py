@@ -238,6 +238,69 @@ def run_scenario(sc: Scenario, nic: str, keys_dir: str) -> dict:
     return res
 
 
+def run_ike_scenario(sc: Scenario, nic: str, keys_dir: str) -> dict:
+    """A kernel-dataplane IKEv2 initiator (the guest) against the host's userspace responder:
+    the Child SA negotiated and installed into the kernel by simpletun, traffic both ways, the
+    status with its SPIs, and nothing left after SIGTERM."""
+    res: dict = {"scenario": sc.name}
+    t0 = time.monotonic()
+    proc = start_tunnel(sc, keys_dir)
+    res["start_seconds"] = round(time.monotonic() - t0, 1)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the Child SA is negotiated after READY=1 (the device and sockets)
+            st = control.request(sc.guest_ifname, {"cmd": "status"}, timeout=30)["status"]
+            if st["up"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        res["up_seconds"] = round(time.monotonic() - t0, 1)
+        host_xfer: dict = {}
+        listening = threading.Event()
+        th = threading.Thread(target=serve_host_transfer, args=(sc, host_xfer, listening))
+        th.start()
+        listening.wait(30)
+        emit("READY", {"n": sc.n})
+        th.join(150)
+        res["host_transfer"] = host_xfer
+        r = subprocess.run(
+            ["ping", "-c", "3", "-W", "5", "-I", sc.guest_inner, sc.host_inner],
+            capture_output=True,
+            text=True,
+        )
+        res["ping_rc"] = r.returncode
+        res["ping_tail"] = r.stdout.strip().splitlines()[-2:]
+        try:
+            res["transfer"] = transfer(sc)
+        except OSError as e:
+            res["transfer"] = {"error": str(e)}
+        subprocess.run(["ping", "-c", "1", "-W", "5", "-I", sc.guest_inner, sc.host_inner],
+                       capture_output=True)  # fmt: skip
+        res["status"] = control.request(sc.guest_ifname, {"cmd": "status"}, timeout=30)["status"]
+        res["kernel_sas"] = [
+            {"spi": x.spi, "src": x.src, "dst": x.dst, "if_id": x.if_id, "encap": bool(x.encap),
+             "enc": x.enc_alg, "auth": x.auth_alg}
+            for x in xfrm.dump_sas()
+        ]  # fmt: skip
+        res["dumped_policies"] = len(xfrm.dump_policies())
+        res["interface_kind"] = (
+            "xfrm" if " xfrm " in sh("ip", "-d", "link", "show", sc.guest_ifname) else "?"
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            res["exit_rc"] = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            res["exit_rc"] = proc.wait()
+    res["left_after_exit"] = len(xfrm.dump_sas()) + len(xfrm.dump_policies())
+    res["interface_left"] = (
+        subprocess.run(["ip", "link", "show", sc.guest_ifname], capture_output=True).returncode == 0
+    )
+    res["tunnel_log"] = tunnel_log(sc)
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    return res
+
+
 def xfrm_interface_check(nic: str) -> dict:
     try:
         idx = xfrm.add_interface("ipsec7", 7, link=nic)
@@ -275,7 +338,7 @@ def main() -> None:
     emit("START", {"group": group, "kernel": os.uname().release})
     for sc in GROUPS[group]:
         try:
-            emit("RESULT", run_scenario(sc, nic, keys_dir))
+            emit("RESULT", (run_ike_scenario if sc.ike else run_scenario)(sc, nic, keys_dir))
         except Exception:
             emit("RESULT", {"scenario": sc.name, "error": traceback.format_exc()})
     if group in ("esp", "all"):

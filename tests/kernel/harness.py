@@ -43,6 +43,7 @@ from .scenarios import (
     GUEST_ECHO_PORT,
     GUEST_MAC,
     HOST_OUTER,
+    IKE,
     TRANSFER_BYTES,
     esp_offset,
     forge,
@@ -117,6 +118,7 @@ class WireTap:
         self.sock.settimeout(0.5)
         self.seen: dict[str, int] = {}  # "<dir> <spi> <transport>" -> frames
         self.unknown_spi = 0
+        self.ike: dict[str, set[int]] = {}  # "<dir> <transport>" -> SPIs of the IKEv2 scenario
         self.injected: dict[int, dict] = {}
         self._ours: list[bytes] = []
         self._h2g: dict[int, int] = {}
@@ -140,6 +142,10 @@ class WireTap:
                 self._ours.remove(frame)  # our own injection, seen on the way out
                 continue
             spi = struct.unpack_from("!I", frame, off)[0]
+            if IKE.host_outer in (socket.inet_ntoa(frame[26:30]), socket.inet_ntoa(frame[30:34])):
+                key = f"{'h2g' if out else 'g2h'} {'esp' if frame[23] == 50 else 'udp'}"
+                self.ike.setdefault(key, set()).add(spi)  # SPIs negotiated by IKEv2
+                continue
             sc = BY_SPI.get(spi)
             if sc is None:
                 self.unknown_spi += 1
@@ -242,6 +248,19 @@ def host_initiated(ns: str, n: int) -> dict:
     return res
 
 
+def _status(name: str, run_dir: Path) -> dict:
+    """``simpletun status --json NAME`` of a host tunnel."""
+    env = dict(os.environ, SIMPLETUN_RUN_DIR=str(run_dir))
+    st = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "simpletun"), "status", "--json", name],
+        capture_output=True, text=True, env=env, timeout=30,
+    )  # fmt: skip
+    try:
+        return json.loads(st.stdout)
+    except ValueError:
+        return {"error": st.stdout + st.stderr}
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -301,7 +320,7 @@ def boot(group: str, workdir: Path) -> BootResult:
     shutil.rmtree(keys_dir, ignore_errors=True)
     keys_dir.mkdir(mode=0o700, parents=True)
     for sc in scenarios:
-        _write_private(keys_dir / f"{sc.name}.toml", sc.key_file())
+        _write_private(keys_dir / sc.key_path, sc.key_file())
         _write_private(keys_dir / f"{sc.host_ifname}.toml", sc.tunnel_file("host"))
         _write_private(keys_dir / f"{sc.guest_ifname}.toml", sc.tunnel_file("guest"))
     run = subprocess.run
@@ -356,21 +375,15 @@ def boot(group: str, workdir: Path) -> BootResult:
                     if line.startswith("KESP-READY "):
                         n = json.loads(line.partition(" ")[2])["n"]
                         host_side[n] = host_initiated(ns, n)
+                        if BY_N[n].ike:  # while its Child SA is up (the guest deletes it)
+                            host_side[n]["status"] = _status(BY_N[n].host_ifname, run_dir)
             rc = q.wait()
         finally:
             killer.cancel()
         seconds = time.monotonic() - t0
-        env = dict(os.environ, SIMPLETUN_RUN_DIR=str(run_dir))
         status, exits, left = {}, {}, {}
         for name, p in procs.items():
-            st = run(
-                [str(REPO / ".venv" / "bin" / "simpletun"), "status", "--json", name],
-                capture_output=True, text=True, env=env, timeout=30,
-            )  # fmt: skip
-            try:
-                status[name] = json.loads(st.stdout)
-            except ValueError:
-                status[name] = {"error": st.stdout + st.stderr}
+            status[name] = _status(name, run_dir)
             p.send_signal(signal.SIGTERM)
             try:
                 exits[name] = p.wait(timeout=30)
@@ -389,6 +402,7 @@ def boot(group: str, workdir: Path) -> BootResult:
             "host_initiated": host_side,
             "wire": wire.seen,
             "wire_unknown_spi": wire.unknown_spi,
+            "wire_ike": {k: sorted(v) for k, v in wire.ike.items()},
             "injected": wire.injected,
             "echo_sha256": echo.sha256,
             "logs": {n: (workdir / f"{n}.log").read_text()[-3000:] for n in procs},

@@ -39,6 +39,12 @@ class Scenario:
     key_bits: int
     esn: bool
     window: int
+    ike: bool = False  # keyed by IKEv2 (the guest end initiates) instead of a manual key file
+
+    @property
+    def key_path(self) -> str:
+        """The key file's name (next to the tunnel files): manual keys, or the IKE PSK."""
+        return f"{self.name}.psk" if self.ike else f"{self.name}.toml"
 
     @property
     def guest_inner(self) -> str:
@@ -74,8 +80,12 @@ class Scenario:
 
     def key_file(self) -> str:
         """A fresh manual key file (simpletun.manual_keys) for this scenario: the guest kernel
-        is the client, the simpletun side the server; both configure themselves from it."""
-        from simpletun import manual_keys
+        is the client, the simpletun side the server; both configure themselves from it.
+        IKEv2: a fresh pre-shared key (simpletun genkey's format)."""
+        from simpletun import keys, manual_keys
+
+        if self.ike:
+            return keys.encode_key(keys.generate_key())
 
         return manual_keys.generate(
             key_bits=self.key_bits,
@@ -90,6 +100,8 @@ class Scenario:
     def tunnel_file(self, side: str) -> str:
         """The tunnel file of the host (``side="host"``, userspace server) or the guest
         (``"guest"``, kernel client), naming ``<name>.toml`` in the same directory."""
+        if self.ike:
+            return self._ike_file(side)
         common = f"""transport = "{self.cli_transport}"
 manual_keys_file = "{self.name}.toml"
 mtu = {INNER_MTU}
@@ -111,6 +123,30 @@ dataplane = "kernel"
 endpoint = "{self.host_outer}:{ENCAP_PORT}"
 """
 
+    def _ike_file(self, side: str) -> str:
+        host = side == "host"
+        me, peer = (
+            (self.host_inner, self.guest_inner) if host else (self.guest_inner, self.host_inner)
+        )
+        my_outer, peer_outer = (
+            (self.host_outer, GUEST_OUTER) if host else (GUEST_OUTER, self.host_outer)
+        )
+        return f"""[interface]
+key_exchange = "ikev2"
+address = ["{me}/24"]
+listen_address = "{my_outer}"
+mtu = {INNER_MTU}
+{"" if host else 'dataplane = "kernel"'}
+
+[[peer]]
+name = "{"guest" if host else "host"}"
+identity = "{peer_outer}"
+{"" if host else f'endpoint = "{peer_outer}"'}
+psk_file = "{self.key_path}"
+allowed_ips = ["{peer}/32"]
+local_ips = ["{me}/32"]
+"""
+
 
 SCENARIOS = [
     Scenario(1, "esp-aes128", "esp", 128, False, 64),
@@ -118,13 +154,15 @@ SCENARIOS = [
     Scenario(3, "udp-aes128", "udp", 128, False, 64),
     Scenario(4, "udp-aes256-esn", "udp", 256, True, 1024),
 ]
+#: A kernel-dataplane IKEv2 end (guest, initiator) against a userspace IKEv2 end (host).
+IKE = Scenario(5, "ikev2", "udp", 128, False, 4096, ike=True)
 GROUPS = {
     "esp": [s for s in SCENARIOS if s.transport == "esp"],
     "udp": [s for s in SCENARIOS if s.transport == "udp"],
     # One boot for everything: a guest boot plus the guest's Python start-up cost ~50 s emulated.
-    "all": SCENARIOS,
+    "all": [*SCENARIOS, IKE],
 }
-BY_N = {s.n: s for s in SCENARIOS}
+BY_N = {s.n: s for s in [*SCENARIOS, IKE]}
 BY_SPI = {spi: s for s in SCENARIOS for spi in (s.spi_g2h, s.spi_h2g)}
 
 

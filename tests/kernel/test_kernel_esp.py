@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from .harness import boot, missing_prerequisites
-from .scenarios import ESN_START, SCENARIOS, TRANSFER_BYTES
+from .scenarios import ESN_START, IKE, SCENARIOS, TRANSFER_BYTES
 
 ESN_FLAG = 128
 
@@ -180,6 +180,48 @@ def test_status_and_cleanup(run, sc):
     assert g["left_after_exit"] == 0 and not g["interface_left"]
     assert run.host["exit"][sc.host_ifname] == 0, run.host["logs"][sc.host_ifname]
     assert not run.host["device_left"][sc.host_ifname]
+
+
+def test_ikev2_keys_the_kernel_data_plane(run, checked):
+    """simpletun's own IKEv2 (the guest end, initiator, ``dataplane = "kernel"``) negotiates a
+    Child SA with a userspace IKEv2 end (the host) and installs it into the kernel: traffic
+    both ways with equal SHA-256, both statuses show the same SPI pair (crossed), the kernel
+    holds exactly those two SAs (UDP-encapsulated, on the xfrm interface), the ESP on the
+    wire used them only, and SIGTERM leaves nothing behind."""
+    g = _guest(run, IKE)
+    assert g["status"]["up"], g["tunnel_log"]
+    h = run.host["host_initiated"].get(IKE.n)
+    assert h is not None and "error" not in h, (h, g["tunnel_log"])
+    assert h["ping_rc"] == 0 and h["echoed_sha256"] == h["sent_sha256"]
+    assert h["sent_sha256"] == g["host_transfer"]["sha256"]
+    assert g["ping_rc"] == 0 and "3 received" in g["ping_tail"][0], g["ping_tail"]
+    t = g["transfer"]
+    assert "error" not in t and t["echoed_sha256"] == t["sent_sha256"], t
+    assert t["sent_sha256"] in run.host["echo_sha256"]
+    gst, hst = g["status"], h["status"]  # the host's status while the Child SA was up
+    assert (gst["dataplane"], hst["dataplane"]) == ("kernel", "userspace")
+    (gp,), (hup,) = gst["peers"], hst["peers"]
+    (gc,), (hc,) = gp["child_sas"], hup["child_sas"]
+    assert (gc["spi_in"], gc["spi_out"]) == (hc["spi_out"], hc["spi_in"])
+    spis = {int(gc["spi_in"], 16), int(gc["spi_out"], 16)}
+    assert {x["spi"] for x in g["kernel_sas"]} == spis
+    assert all(x["if_id"] == 0x5354 and x["encap"] for x in g["kernel_sas"])
+    assert g["dumped_policies"] == 2
+    assert set().union(*run.host["wire_ike"].values()) == spis
+    assert set(run.host["wire_ike"]) == {"g2h udp", "h2g udp"}
+    # the counters at the end (the guest said goodbye: the host's Child SA is gone, its
+    # counters stay): every packet one side sent, the other accepted
+    (hp,) = _host(run, IKE)["peers"]
+    assert not hp["child_sas"] and hp["ike_sa"] is None  # the guest's IKE delete arrived
+    assert gp["tx_packets"] == hp["rx_packets"] > 0 and hp["tx_packets"] == gp["rx_packets"] > 0
+    assert g["exit_rc"] == 0 and g["left_after_exit"] == 0 and not g["interface_left"]
+    assert g["interface_kind"] == "xfrm"
+    checked.append(
+        f"IKEv2 kernel <-> userspace: Child SA {gc['spi_in']}/{gc['spi_out']} in both statuses "
+        f"and the guest kernel (up {g['up_seconds']} s emulated after start), pings + "
+        f"{TRANSFER_BYTES} B both ways SHA-256 equal, kernel out {gp['tx_packets']} = "
+        f"simpletun in, nothing left after SIGTERM"
+    )
 
 
 def test_xfrm_interface(run):
