@@ -263,6 +263,7 @@ class _KPeer:
         self.inbound: dict[int, xfrm.SA] = {}
         self.policies: list[xfrm.Policy] = []
         self.reqid = 0x5300 + 2 * pid  # out; in is reqid + 1
+        self.retired: dict[str, int] = {}  # counters of this peer's SAs already deleted
 
 
 class KernelPlane:
@@ -362,14 +363,14 @@ class KernelPlane:
         xfrm.add_sa(sa, netns=self.netns)  # the newest SA of the template carries traffic
         old, p.out = p.out, sa
         if old is not None:
-            self._delete(old)
+            self._delete(old, p)
         self._ensure_policies(p)
 
     def clear_outbound_sa(self, pid: int) -> None:
         p = self._peer(pid)
         old, p.out = p.out, None
         if old is not None:
-            self._delete(old)
+            self._delete(old, p)
 
     def remove_inbound_sa(self, spi: int, grace: float = 0.0) -> None:
         for p in self.peers_.values():
@@ -380,7 +381,7 @@ class KernelPlane:
             def gone(p=p, spi=spi, sa=sa) -> None:
                 if p.inbound.get(spi) is sa:
                     del p.inbound[spi]
-                    self._delete(sa)
+                    self._delete(sa, p)
 
             if grace > 0:
                 t = self._timer(grace, gone)
@@ -391,7 +392,17 @@ class KernelPlane:
                 gone()
             return
 
-    def _delete(self, sa: xfrm.SA) -> None:
+    def _delete(self, sa: xfrm.SA, p: _KPeer | None = None) -> None:
+        """Delete an SA; its counters stay with peer ``p`` (status totals survive rekeys)."""
+        if p is not None:
+            try:
+                st = xfrm.get_sa(sa.dst, sa.spi, sa.src, netns=self.netns)
+            except Exception:
+                st = None
+            if st is not None:
+                inbound = sa.dst == self.local_ip
+                for k, v in _peer_counters(st, inbound).items():
+                    p.retired[k] = p.retired.get(k, 0) + v
         try:
             xfrm.delete_sa(sa.dst, sa.spi, sa.src, netns=self.netns)
         except Exception as e:
@@ -442,20 +453,14 @@ class KernelPlane:
         return out
 
     def peer_stats(self, pid: int) -> dict:
-        self._peer(pid)
+        """The peer's totals over its SAs, deleted ones included (as the Rust data plane's)."""
+        p = self._peer(pid)
         tot = {"rx_packets": 0, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0,
-               "drop_replay": 0, "drop_auth": 0}  # fmt: skip
+               "drop_replay": 0, "drop_auth": 0} | p.retired  # fmt: skip
         for d in self.sas():
-            if d["peer"] != pid:
-                continue
-            if d["inbound"]:
-                tot["rx_packets"] += d["decap_packets"]
-                tot["rx_bytes"] += d["decap_bytes"]
-            else:
-                tot["tx_packets"] += d["encap_packets"]
-                tot["tx_bytes"] += d["encap_bytes"]
-            tot["drop_replay"] += d["drop_replay"]
-            tot["drop_auth"] += d["drop_auth"]
+            if d["peer"] == pid:
+                for k, v in _peer_counters(d, d["inbound"]).items():
+                    tot[k] += v
         return tot
 
     @property
@@ -474,6 +479,15 @@ class KernelPlane:
 
 
 ESPINUDP_PORT = 4500
+
+
+def _peer_counters(sa, inbound: bool) -> dict[str, int]:
+    """An SA's counters (an ``SAState`` or a ``sas()`` row) under a peer's names."""
+    c = sa.counters("in" if inbound else "out") if isinstance(sa, xfrm.SAState) else sa
+    if inbound:
+        return {"rx_packets": c["decap_packets"], "rx_bytes": c["decap_bytes"],
+                "drop_replay": c["drop_replay"], "drop_auth": c["drop_auth"]}  # fmt: skip
+    return {"tx_packets": c["encap_packets"], "tx_bytes": c["encap_bytes"]}
 
 
 def preflight_ike(config) -> None:

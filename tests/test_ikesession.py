@@ -316,5 +316,8 @@ def test_ikev2_child_sas_go_to_kernel_sas_and_policies(monkeypatch):
     assert ("192.0.2.1", spi_in) not in kern.sas  # ... then gone
     status = a.status()[0]
     assert status["child_sas"][0]["packets_in"] == 7
+    # the peer's totals keep what the deleted SAs carried (7 packets each in the fake)
+    stats = plane.peer_stats(st.dp_peer)
+    assert (stats["tx_packets"], stats["rx_packets"]) == (14, 14)
     plane.stop()
     assert kern.sas == {} and kern.policies == []

@@ -254,6 +254,8 @@ def run_ike_scenario(sc: Scenario, nic: str, keys_dir: str) -> dict:
                 break
             time.sleep(0.2)
         res["up_seconds"] = round(time.monotonic() - t0, 1)
+        res["first_status"] = st  # the host reads its own status right after READY
+        first = {ch["spi_in"] for p in st["peers"] for ch in p["child_sas"]}
         host_xfer: dict = {}
         listening = threading.Event()
         th = threading.Thread(target=serve_host_transfer, args=(sc, host_xfer, listening))
@@ -276,6 +278,30 @@ def run_ike_scenario(sc: Scenario, nic: str, keys_dir: str) -> dict:
         subprocess.run(["ping", "-c", "1", "-W", "5", "-I", sc.guest_inner, sc.host_inner],
                        capture_output=True)  # fmt: skip
         res["status"] = control.request(sc.guest_ifname, {"cmd": "status"}, timeout=30)["status"]
+        # the Child SA rekey (rekey_time): wait for a new outbound Child SA, then traffic on it
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            st = control.request(sc.guest_ifname, {"cmd": "status"}, timeout=30)["status"]
+            chs = [ch for p in st["peers"] for ch in p["child_sas"]]
+            if any(ch["outbound"] and ch["spi_in"] not in first for ch in chs) and len(chs) == 1:
+                break
+            time.sleep(0.2)
+        res["rekeyed_seconds"] = round(time.monotonic() - t0, 1)
+        r = subprocess.run(
+            ["ping", "-c", "3", "-W", "5", "-I", sc.guest_inner, sc.host_inner],
+            capture_output=True,
+            text=True,
+        )
+        res["ping_after_rekey_rc"] = r.returncode
+        try:
+            res["transfer_after_rekey"] = transfer(sc)
+        except OSError as e:
+            res["transfer_after_rekey"] = {"error": str(e)}
+        subprocess.run(["ping", "-c", "1", "-W", "5", "-I", sc.guest_inner, sc.host_inner],
+                       capture_output=True)  # fmt: skip
+        res["status_after_rekey"] = control.request(sc.guest_ifname, {"cmd": "status"}, timeout=30)[
+            "status"
+        ]
         res["kernel_sas"] = [
             {"spi": x.spi, "src": x.src, "dst": x.dst, "if_id": x.if_id, "encap": bool(x.encap),
              "enc": x.enc_alg, "auth": x.auth_alg}

@@ -145,6 +145,7 @@ identity = "{peer_outer}"
 psk_file = "{self.key_path}"
 allowed_ips = ["{peer}/32"]
 local_ips = ["{me}/32"]
+{"" if host else f"rekey_time = {IKE_REKEY_TIME}"}
 """
 
 
@@ -154,6 +155,8 @@ SCENARIOS = [
     Scenario(3, "udp-aes128", "udp", 128, False, 64),
     Scenario(4, "udp-aes256-esn", "udp", 256, True, 1024),
 ]
+#: The guest's Child SA rekey time (s): one rekey after the first checks, then traffic again.
+IKE_REKEY_TIME = 12
 #: A kernel-dataplane IKEv2 end (guest, initiator) against a userspace IKEv2 end (host).
 IKE = Scenario(5, "ikev2", "udp", 128, False, 4096, ike=True)
 GROUPS = {

@@ -198,19 +198,30 @@ def test_ikev2_keys_the_kernel_data_plane(run, checked):
     t = g["transfer"]
     assert "error" not in t and t["echoed_sha256"] == t["sent_sha256"], t
     assert t["sent_sha256"] in run.host["echo_sha256"]
-    gst, hst = g["status"], h["status"]  # the host's status while the Child SA was up
+    # right after the Child SA came up, both statuses show the same SPI pair (crossed)
+    gst, hst = g["first_status"], h["status"]
     assert (gst["dataplane"], hst["dataplane"]) == ("kernel", "userspace")
-    (gp,), (hup,) = gst["peers"], hst["peers"]
-    (gc,), (hc,) = gp["child_sas"], hup["child_sas"]
+    (gp0,), (hup,) = gst["peers"], hst["peers"]
+    (gc,), (hc,) = gp0["child_sas"], hup["child_sas"]
     assert (gc["spi_in"], gc["spi_out"]) == (hc["spi_out"], hc["spi_in"])
-    spis = {int(gc["spi_in"], 16), int(gc["spi_out"], 16)}
-    assert {x["spi"] for x in g["kernel_sas"]} == spis
+    first = {int(gc["spi_in"], 16), int(gc["spi_out"], 16)}
+    # after the rekey (the guest's rekey_time): one new Child SA, traffic on it, in the kernel
+    assert g["ping_after_rekey_rc"] == 0
+    t2 = g["transfer_after_rekey"]
+    assert "error" not in t2 and t2["echoed_sha256"] == t2["sent_sha256"], t2
+    (gp,) = g["status_after_rekey"]["peers"]
+    (gc2,) = gp["child_sas"]
+    assert gc2["outbound"] and gc2["packets_in"] > 0 and gc2["packets_out"] > 0
+    now = {int(gc2["spi_in"], 16), int(gc2["spi_out"], 16)}
+    assert not now & first
+    assert {x["spi"] for x in g["kernel_sas"]} == now  # the old pair was deleted
     assert all(x["if_id"] == 0x5354 and x["encap"] for x in g["kernel_sas"])
     assert g["dumped_policies"] == 2
-    assert set().union(*run.host["wire_ike"].values()) == spis
+    assert first | now <= set().union(*run.host["wire_ike"].values())
     assert set(run.host["wire_ike"]) == {"g2h udp", "h2g udp"}
+    assert not gp["drops"], gp
     # the counters at the end (the guest said goodbye: the host's Child SA is gone, its
-    # counters stay): every packet one side sent, the other accepted
+    # counters stay), over both Child SAs: every packet one side sent, the other accepted
     (hp,) = _host(run, IKE)["peers"]
     assert not hp["child_sas"] and hp["ike_sa"] is None  # the guest's IKE delete arrived
     assert gp["tx_packets"] == hp["rx_packets"] > 0 and hp["tx_packets"] == gp["rx_packets"] > 0
@@ -218,9 +229,10 @@ def test_ikev2_keys_the_kernel_data_plane(run, checked):
     assert g["interface_kind"] == "xfrm"
     checked.append(
         f"IKEv2 kernel <-> userspace: Child SA {gc['spi_in']}/{gc['spi_out']} in both statuses "
-        f"and the guest kernel (up {g['up_seconds']} s emulated after start), pings + "
-        f"{TRANSFER_BYTES} B both ways SHA-256 equal, kernel out {gp['tx_packets']} = "
-        f"simpletun in, nothing left after SIGTERM"
+        f"(up {g['up_seconds']} s emulated after start), pings + {TRANSFER_BYTES} B both ways "
+        f"SHA-256 equal; rekeyed to {gc2['spi_in']}/{gc2['spi_out']} (only it left in the "
+        f"kernel), traffic again; kernel out {gp['tx_packets']} = simpletun in over both; "
+        "nothing left after SIGTERM"
     )
 
 
