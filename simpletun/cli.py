@@ -85,9 +85,12 @@ Usage:
 
 GENKEY_USAGE = f"""\
 Usage: {PROG} genkey > KEYFILE
+       {PROG} genkey --manual [--bits 128|192|256] [--esn] [--transport esp|esp-in-udp] > FILE
 
 Writes a new pre-shared key (32 random bytes, base64, one line) to stdout. When stdout is a
 file, its mode is set to 0600. Copy the file to the other end and pass --key KEYFILE on both.
+With --manual: a new manual key file (SPIs and random keys per direction, AES-CBC with
+--bits, default 256; transport default esp-in-udp) for --manual-keys FILE on both ends.
 """
 
 NO_KEY_HINT = (
@@ -304,11 +307,33 @@ def genkey(argv: list[str]) -> int:
     if argv in (["-h"], ["--help"]):
         sys.stdout.write(GENKEY_USAGE)
         return 0
-    if argv:
+    text = keys.encode_key(keys.generate_key())
+    if argv and argv[0] == "--manual":
+        from simpletun import manual_keys
+
+        opts = {"bits": "256", "transport": "esp-in-udp"}
+        rest = argv[1:]
+        esn = False
+        while rest:
+            flag = rest.pop(0)
+            if flag == "--esn":
+                esn = True
+            elif flag in ("--bits", "--transport") and rest:
+                opts[flag[2:]] = rest.pop(0)
+            else:
+                return _error(f"genkey --manual: unknown or incomplete option {flag!r}", 2)
+        if opts["bits"] not in ("128", "192", "256"):
+            return _error(f"genkey --manual: --bits {opts['bits']}: use 128, 192 or 256", 2)
+        if opts["transport"] not in manual_keys.TRANSPORTS:
+            return _error("genkey --manual: --transport must be esp or esp-in-udp", 2)
+        text = manual_keys.generate(
+            key_bits=int(opts["bits"]), esn=esn, transport=opts["transport"]
+        )
+    elif argv:
         return _error(f"genkey takes no arguments, got '{argv[0]}'; run: {PROG} genkey > key", 2)
     sys.stdout.flush()
     try:
-        warning = keys.write_key_to_fd(sys.stdout.fileno(), keys.generate_key())
+        warning = keys.write_secret_to_fd(sys.stdout.fileno(), text)
     except OSError as e:
         return _error(f"cannot write the key: {e.strerror or e}", 1)
     if warning:

@@ -242,3 +242,22 @@ allowed_ips = ["10.9.1.0/24"]
     with pytest.raises(configfile.ConfigFileError, match="cipher.*manual_keys_file"):
         configfile.loads(text.replace("[interface]", '[interface]\ncipher = "aes-256-cbc"'),
                          Path(tmp_path / "stm0.toml"))  # fmt: skip
+
+
+def test_genkey_manual_writes_a_private_key_file(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "mk.toml"
+    with open(out, "w") as f:
+        done = subprocess.run(
+            [sys.executable, "-m", "simpletun", "genkey", "--manual", "--bits", "128", "--esn",
+             "--transport", "esp"], stdout=f, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out.stat().st_mode & 0o777) == 0o600
+    k = mk.load(str(out))
+    assert (k.esn, k.transport, k.cipher_name) == (True, "esp", "aes-128-cbc")
+    bad = subprocess.run([sys.executable, "-m", "simpletun", "genkey", "--manual", "--bits", "5"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
