@@ -193,3 +193,24 @@ def test_up_ikev2_kernel_without_esp_one_line_exit_2(tmp_path, needs_root):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "CONFIG_INET_ESP" in lines[0], done.stderr
     assert subprocess.run(["ip", "link", "show", "stk0"], capture_output=True).returncode
+
+
+def test_status_text_of_a_manual_keys_server(tmp_path, monkeypatch):
+    """`simpletun status` (text) of a kernel-dataplane manual-keys server: UDP port, the keys'
+    cipher, no handshake, the SAs' sequence numbers."""
+    from simpletun import commands, kernel_dp, xfrm
+
+    mk = manual_keys.load(_keyfile(tmp_path))
+    c = Config(server=True, host="192.0.2.1", peer="192.0.2.9", transport="udp",
+               dataplane="kernel", manual_keys="x", port=4500)  # fmt: skip
+    t = kernel_dp.KernelTunnel(c, mk, "192.0.2.1", "192.0.2.9")
+
+    def fake_get_sa(dst, spi, src=None):
+        esn = {"oseq": 9, "oseq_hi": 1, "seq": 7, "seq_hi": 0, "replay_window": 4096}
+        return xfrm.SAState(src, dst, spi, 0, 1, 2, 0, 4096, esn=esn, packets=3, bytes=300)
+
+    monkeypatch.setattr(xfrm, "get_sa", fake_get_sa)
+    text = commands.format_status(t.status())
+    assert "listening on UDP port 4500" in text and "data plane: kernel" in text
+    assert "ESP aes-256-cbc (manual keys)" in text and "keyed (manual keys):" in text
+    assert f"seq {2**32 + 9}" in text and "highest seq 7" in text
