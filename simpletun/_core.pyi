@@ -54,33 +54,6 @@ class FrameDecoder:
     @property
     def max_frame(self) -> int: ...
 
-SaParams = tuple[int, bytes, bytes]
-
-class Pump:
-    """The single-peer TCP data plane (device <-> one connected stream socket)."""
-
-    def __init__(
-        self,
-        tun_fd: int,
-        sock_fd: int,
-        *,
-        tap: bool = False,
-        tx: SaParams | None = None,
-        rx: SaParams | None = None,
-        replay_window: int = 4096,
-        esn: bool = False,
-        max_frame: int = 65535,
-    ) -> None: ...
-    def stop(self) -> None: ...
-    @property
-    def done_fd(self) -> int: ...
-    @property
-    def running(self) -> bool: ...
-    @property
-    def exit_reason(self) -> str | None: ...
-    @property
-    def stats(self) -> dict[str, int]: ...
-
 Endpoint = tuple[str, int]
 ControlEvent = tuple[Literal["control"], int, Endpoint, bytes]
 NoSaEvent = tuple[Literal["no_sa"], int]

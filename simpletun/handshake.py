@@ -60,7 +60,7 @@ def handshake_error(code: str, message: str) -> HandshakeError:
 
 @dataclass(frozen=True)
 class SaKeys:
-    """One direction's SA parameters, in the form simpletun._core.Pump takes."""
+    """One direction's SA parameters (SPI and keys) for the data plane's SecurityAssociation."""
 
     spi: int
     enc_key: bytes = field(repr=False)

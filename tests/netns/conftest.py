@@ -101,8 +101,10 @@ def tunnel_prerequisites() -> list[str]:
     try:
         from simpletun import _core
 
-        if not hasattr(_core, "Pump"):
-            missing.append("simpletun._core has no Pump (extension not built with the data plane)")
+        if not hasattr(_core, "DataPlane"):
+            missing.append(
+                "simpletun._core has no DataPlane (extension not built with the data plane)"
+            )
     except ImportError as exc:
         missing.append(f"cannot import simpletun._core ({exc}); run scripts/setup.sh")
     if shutil.which("tcpdump") is None:

@@ -13,7 +13,6 @@
 //!
 //! OS-facing modules (the only ones that touch file descriptors):
 //! - [`tun`]: opening TUN/TAP devices through `/dev/net/tun`.
-//! - [`pump`]: the data-plane threads moving packets between a TUN device and a TCP socket.
 //! - [`dp`]: data plane v2: one device, many peers, datagram transports (ESP-in-UDP, raw
 //!   ESP) with in-memory fakes, an SA table, control messages and events for Python.
 //!
@@ -27,7 +26,6 @@ pub mod esp;
 pub mod frame;
 pub mod offload;
 pub mod proto;
-pub mod pump;
 pub mod replay;
 pub mod tun;
 

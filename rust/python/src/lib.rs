@@ -6,11 +6,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use simpletun_core::{esp, DropReason};
 
-mod dataplane;
 mod dp;
 mod errors;
 mod frame;
 mod sa;
+mod tun;
 
 /// Total ESP packet length for an inner packet of `inner_len` bytes.
 #[pyfunction]
@@ -27,7 +27,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ESP_MAX_OVERHEAD", esp::MAX_OVERHEAD)?;
     let names: Vec<&str> = DropReason::ALL.iter().map(|r| r.name()).collect();
     m.add("DROP_REASONS", PyTuple::new(m.py(), names)?)?;
-    dataplane::register(m)?;
     dp::register(m)?;
+    tun::register(m)?;
     Ok(())
 }

@@ -48,8 +48,8 @@ pub use transport::{Datagram, Transport, TransportKind};
 
 use crate::drop::DropReason;
 use crate::esp::{
-    infer_next_header, SaStats, SecurityAssociation, NH_ETHERNET, NH_IPV4, NH_IPV6, NH_NONE,
-    PAYLOAD_OFFSET,
+    encap_len, infer_next_header, SaStats, SecurityAssociation, NH_ETHERNET, NH_IPV4, NH_IPV6,
+    NH_NONE, PAYLOAD_OFFSET,
 };
 use crate::proto::{NAT_KEEPALIVE, NON_ESP_MARKER};
 use crate::tun::Kind;
@@ -710,10 +710,15 @@ fn device_loop(inner: &Inner) -> String {
                 inner.drop_pkt(Some(&peer), Drop::NoEndpoint);
                 continue;
             };
-            if t.transports
+            let (plaintext, max) = t
+                .transports
                 .get(peer.transport)
-                .is_some_and(|tr| tr.plaintext())
-            {
+                .map_or((false, MAX_PACKET), |tr| (tr.plaintext(), tr.max_payload()));
+            if (if plaintext { n } else { encap_len(n) }) > max {
+                inner.drop_pkt(Some(&peer), DropReason::Oversize.into());
+                continue;
+            }
+            if plaintext {
                 add(&peer.traffic.tx_packets, 1);
                 add(&peer.traffic.tx_bytes, n as u64);
                 add(&peer.traffic.wire_tx_bytes, n as u64);

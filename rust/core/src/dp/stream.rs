@@ -433,6 +433,9 @@ impl Transport for StreamTransport {
         }
         sent
     }
+    fn max_payload(&self) -> usize {
+        self.max_frame
+    }
     fn plaintext(&self) -> bool {
         self.plaintext
     }

@@ -50,6 +50,11 @@ pub trait Transport: Send + Sync + 'static {
     fn carries_control(&self) -> bool {
         self.kind().carries_control()
     }
+    /// Largest payload (ESP packet, or inner packet in plaintext mode) one send carries; the
+    /// data plane drops larger packets as `oversize` before spending a sequence number.
+    fn max_payload(&self) -> usize {
+        super::MAX_PACKET
+    }
     /// Datagrams are raw inner packets, not ESP (the stream transport's plaintext mode).
     fn plaintext(&self) -> bool {
         false

@@ -1,0 +1,26 @@
+//! `open_tun` for Python: open (or create) a TUN/TAP device; the data plane takes its fd.
+
+use std::os::fd::IntoRawFd;
+
+use pyo3::prelude::*;
+use simpletun_core::tun::{self, Kind};
+
+use crate::errors;
+
+/// Open (creating if needed) a TUN or TAP device. Returns `(fd, actual_name, created)`; the
+/// non-blocking descriptor now belongs to the caller (a created, non-persistent device
+/// disappears when it is closed). Every failure, a bad name included, is a `DeviceError`.
+#[pyfunction]
+#[pyo3(signature = (name, tap=false))]
+fn open_tun(py: Python<'_>, name: &str, tap: bool) -> PyResult<(i32, String, bool)> {
+    let kind = if tap { Kind::Tap } else { Kind::Tun };
+    let t = py
+        .detach(|| tun::open(name, kind))
+        .map_err(|e| errors::device_error(e.to_string()))?;
+    let (actual, created) = (t.name().to_owned(), t.created());
+    Ok((t.into_raw_fd(), actual, created))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(open_tun, m)?)
+}
