@@ -208,7 +208,7 @@ def run_scenario(sc: Scenario, nic: str, keys_dir: str) -> dict:
         subprocess.run(["ping", "-c", "1", "-W", "5", "-I", sc.guest_inner, sc.host_inner],
                        capture_output=True)  # fmt: skip
         res["status"] = control.request(sc.guest_ifname, {"cmd": "status"}, timeout=30)["status"]
-        out, inn = keys.xfrm_sas("client", GUEST_OUTER, sc.host_outer)
+        out, inn = keys.xfrm_sas(sc.guest_role, GUEST_OUTER, sc.host_addr)
         g_out = xfrm.get_sa(out.dst, out.spi, out.src)
         g_in = xfrm.get_sa(inn.dst, inn.spi, inn.src)
         res["kernel_out"] = g_out.counters("out") | {"esn": g_out.esn, "flags": g_out.flags}

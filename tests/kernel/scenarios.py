@@ -10,8 +10,10 @@ Topology (the host side in a namespace of its own, the guest behind a tap in it)
 
 Both ends of scenario ``n`` are the real product (``simpletun up --foreground FILE``), the host
 one the server (listening on 10.99.0.<10+n>, its peer fixed at the guest's address), the guest
-one the client; both take their SAs from one manual key file per scenario (``key_file``,
-written by the harness next to the tunnel files). Each scenario has its own SPI pair and keys.
+one the client, except in ``guest_server`` scenarios (the guest's kernel end is the server,
+its peer fixed at the host's 10.99.0.1); both take their SAs from one manual key file per
+scenario (``key_file``, written by the harness next to the tunnel files). Each scenario has its
+own SPI pair and keys.
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ class Scenario:
     esn: bool
     window: int
     ike: bool = False  # keyed by IKEv2 (the guest end initiates) instead of a manual key file
+    guest_server: bool = (
+        False  # the guest's kernel end is the server (--peer), the host's the client
+    )
+
+    @property
+    def guest_role(self) -> str:
+        return "server" if self.guest_server else "client"
+
+    @property
+    def host_addr(self) -> str:
+        """The host's outer address of this scenario: a host server listens on its own one; a
+        host client sends from the tap's primary address (what the route picks)."""
+        return HOST_OUTER if self.guest_server else self.host_outer
 
     @property
     def key_path(self) -> str:
@@ -71,12 +86,16 @@ class Scenario:
         return "udp" if self.transport == "udp" else "raw"
 
     @property
-    def spi_g2h(self) -> int:  # guest (kernel) -> host (simpletun)
+    def spi_base(self) -> int:  # client-to-server; server-to-client is spi_base + 1
         return 0x01000000 + self.n * 2
 
     @property
+    def spi_g2h(self) -> int:  # guest (kernel) -> host (simpletun)
+        return self.spi_base + (1 if self.guest_server else 0)
+
+    @property
     def spi_h2g(self) -> int:  # host (simpletun) -> guest (kernel)
-        return 0x01000000 + self.n * 2 + 1
+        return self.spi_base + (0 if self.guest_server else 1)
 
     def key_file(self) -> str:
         """A fresh manual key file (simpletun.manual_keys) for this scenario: the guest kernel
@@ -93,24 +112,36 @@ class Scenario:
             esn=self.esn,
             transport="esp-in-udp" if self.transport == "udp" else "esp",
             port=ENCAP_PORT,
-            spi_base=self.spi_g2h,
+            spi_base=self.spi_base,
             seq=ESN_START if self.esn else 0,
         )
 
     def tunnel_file(self, side: str) -> str:
-        """The tunnel file of the host (``side="host"``, userspace server) or the guest
-        (``"guest"``, kernel client), naming ``<name>.toml`` in the same directory."""
+        """The tunnel file of the host (``side="host"``, userspace) or the guest (``"guest"``,
+        kernel data plane), naming ``<name>.toml`` in the same directory. The server listens on
+        its scenario address with its peer fixed (manual keying has no handshake)."""
         if self.ike:
             return self._ike_file(side)
         common = f"""transport = "{self.cli_transport}"
 manual_keys_file = "{self.name}.toml"
 mtu = {INNER_MTU}
 """
-        if side == "host":
+        if side == ("guest" if self.guest_server else "host"):  # the server's file
+            listen = GUEST_OUTER if self.guest_server else self.host_outer
+            peer = self.host_addr if self.guest_server else GUEST_OUTER
+            inner = self.guest_inner if self.guest_server else self.host_inner
+            kernel = 'dataplane = "kernel"\n' if self.guest_server else ""
+            return f"""[interface]
+address = ["{inner}/24"]
+listen_address = "{listen}"
+listen_port = {ENCAP_PORT}
+{kernel}{common}
+[[peer]]
+endpoint = "{peer}:{ENCAP_PORT}"
+"""
+        if side == "host":  # a client
             return f"""[interface]
 address = ["{self.host_inner}/24"]
-listen_address = "{self.host_outer}"
-listen_port = {ENCAP_PORT}
 {common}
 [[peer]]
 endpoint = "{GUEST_OUTER}:{ENCAP_PORT}"
@@ -151,7 +182,7 @@ local_ips = ["{me}/32"]
 
 SCENARIOS = [
     Scenario(1, "esp-aes128", "esp", 128, False, 64),
-    Scenario(2, "esp-aes256-esn", "esp", 256, True, 4096),
+    Scenario(2, "esp-aes256-esn", "esp", 256, True, 4096, guest_server=True),
     Scenario(3, "udp-aes128", "udp", 128, False, 64),
     Scenario(4, "udp-aes256-esn", "udp", 256, True, 1024),
 ]

@@ -167,6 +167,7 @@ def test_status_and_cleanup(run, sc):
     gst, hst = g["status"], _host(run, sc)
     assert (gst["dataplane"], hst["dataplane"]) == ("kernel", "userspace")
     assert gst["transport"] == hst["transport"] == sc.cli_transport
+    assert {gst["role"], hst["role"]} == {"server", "client"} and gst["role"] == sc.guest_role
     assert g["interface_kind"] == "xfrm"
     _, g_out, g_in = _peer_status(gst)
     _, h_out, h_in = _peer_status(hst)
