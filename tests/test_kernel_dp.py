@@ -214,3 +214,20 @@ def test_status_text_of_a_manual_keys_server(tmp_path, monkeypatch):
     assert "listening on UDP port 4500" in text and "data plane: kernel" in text
     assert "ESP aes-256-cbc (manual keys)" in text and "keyed (manual keys):" in text
     assert f"seq {2**32 + 9}" in text and "highest seq 7" in text
+
+
+def test_cli_ikev2_kernel_without_esp_one_line_exit_2(tmp_path, needs_root):
+    from simpletun import keys
+
+    if not _esp_missing():
+        skip("this kernel has ESP: the ESP-less path cannot be observed here")
+    k = tmp_path / "k"
+    k.write_text(keys.encode_key(keys.generate_key()))
+    k.chmod(0o600)
+    cmd = [sys.executable, "-m", "simpletun", "-i", "stk0", "-s", "--listen", "127.0.0.1"]
+    cmd += ["--key", str(k), "--key-exchange", "ikev2", "--dataplane", "kernel"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CONFIG_INET_ESP" in lines[0], done.stderr
+    assert subprocess.run(["ip", "link", "show", "stk0"], capture_output=True).returncode
