@@ -2,8 +2,11 @@
 a manual key file) and simpletun's userspace ESP, between two namespaces, with the same cipher,
 window, ESN and transport: iperf3 single-flow TCP throughput, ping RTT, and CPU time per GB.
 
-Run as root via ``scripts/bench-kernel.sh``. Rows that cannot run here say why (a kernel without
-ESP; a simpletun build without its raw-ESP/ESP-in-UDP transports) and the rest is measured.
+Run as root via ``scripts/bench-kernel.sh``. The kernel and simpletun rows are keyed from one
+generated manual key file (simpletun.manual_keys, written 0600 to a temporary directory): the
+kernel row installs its SAs with simpletun.xfrm, the simpletun row runs the real CLI
+(``simpletun --manual-keys FILE``) in both namespaces. On a kernel without ESP the output says
+so and the rest is measured.
 CPU time per GB is machine-wide (/proc/stat busy time over the iperf3 run divided by the bytes
 moved): kernel ESP work runs in softirq context and belongs to no process. Other load on the
 machine inflates it; compare rows of one run. Under software emulation (the qemu guest) every
@@ -43,6 +46,7 @@ from simpletun import manual_keys, xfrm  # noqa: E402
 
 IPERF_PORT = 5201
 INNER_A, INNER_B = "10.252.0.1", "10.252.0.2"
+USER_A, USER_B = "10.253.0.1", "10.253.0.2"  # the simpletun row's tunnel addresses
 
 
 def emulated() -> bool:
@@ -141,19 +145,39 @@ class KernelEsp:
             s.close()
 
 
-def simpletun_esp_transport_available() -> str | None:
-    """None if this simpletun build has the raw-ESP / ESP-in-UDP transports, else why not."""
-    exe = shutil.which("simpletun") or str(REPO / ".venv" / "bin" / "simpletun")
-    try:
-        text = subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
-    except OSError:
-        return "the simpletun command is not installed (run scripts/setup.sh)"
-    if "esp-in-udp" not in text and "--dataplane" not in text:
-        return (
-            "this simpletun build has no raw-ESP / ESP-in-UDP transport yet (the data-plane "
-            "issue); scripts/bench-tunnel.sh measures simpletun ESP over its TCP transport"
-        )
-    return "simpletun's ESP transports exist but this benchmark does not drive them yet"
+class UserspaceEsp:
+    """simpletun's userspace data plane in both namespaces, the real CLI keyed from the same
+    manual key file as the kernel row (A the server, its peer fixed at B's address)."""
+
+    def __init__(self, lab: Lab, key_file: str, keys: manual_keys.ManualKeys) -> None:
+        self.lab, self.key_file = lab, key_file
+        self.transport = "udp" if keys.transport == "esp-in-udp" else "raw"
+        self.procs = []
+
+    def up(self) -> None:
+        exe = shutil.which("simpletun") or str(REPO / ".venv" / "bin" / "simpletun")
+        common = ["-i", "bku0", "-d", "--transport", self.transport, "--manual-keys", self.key_file]
+        lab = self.lab
+        for ns, mode, addr in (
+            (lab.ns_a, ["-s", "--peer", VETH_B_ADDR], USER_A),
+            (lab.ns_b, ["-c", VETH_A_ADDR], USER_B),
+        ):
+            p = lab.spawn(ns, [exe, *common, *mode, "--addr", f"{addr}/24"], name="simpletun")
+            self.procs.append(p)
+            p.wait_for_output(r"manual keys", timeout=120)
+
+    def counters(self) -> dict:
+        """The client's counters as it reports them on exit (``-d``)."""
+        from simpletun.lab.tunnel import session_counters
+
+        client = self.procs[1]
+        client.stop()
+        found = session_counters(client.stderr())
+        return found[-1] if found else {}
+
+    def down(self) -> None:
+        for p in self.procs:
+            p.stop()
 
 
 def plot(rows: list[dict], path: Path) -> str:
@@ -204,14 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print("bench-kernel: cannot run: " + "; ".join(missing), file=sys.stderr)
         return 1
-    keys = manual_keys.parse(
-        manual_keys.generate(
-            key_bits=args.key_bits,
-            replay_window=args.window,
-            esn=args.esn,
-            transport=args.transport,
-        )
+    key_text = manual_keys.generate(
+        key_bits=args.key_bits,
+        replay_window=args.window,
+        esn=args.esn,
+        transport=args.transport,
     )
+    keys = manual_keys.parse(key_text)
     emu = args.emulated or emulated()
     setting = (
         f"aes-{args.key_bits}-cbc + hmac-sha256-128, window {args.window}, "
@@ -219,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="simpletun-bench-") as tmp, Lab(tmp, tag="bk") as lab:
+        key_file = os.path.join(tmp, "keys.toml")  # one file for both ESP rows
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key_text)
         srv = lab.spawn(lab.ns_a, ["iperf3", "-s", "-p", str(IPERF_PORT)], name="iperf3-server")
         time.sleep(0.3)
         print(
@@ -244,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             kesp.check()
         except xfrm.KernelEspMissing as e:
+            print(f"bench-kernel: this kernel has no ESP, the kernel row is not measured: {e}")
+            print("bench-kernel: measuring the rest (bare veth, simpletun userspace ESP)")
             rows.append({"config": "kernel ESP (xfrm)", "skipped": str(e)})
         else:
             try:
@@ -251,8 +280,12 @@ def main(argv: list[str] | None = None) -> int:
                 measure("kernel ESP (xfrm)", INNER_A, kesp.counters)
             finally:
                 kesp.down()
-        why = simpletun_esp_transport_available()
-        rows.append({"config": "simpletun userspace ESP", "skipped": why})
+        user = UserspaceEsp(lab, key_file, keys)
+        try:
+            user.up()
+            measure("simpletun userspace ESP", USER_A, user.counters)
+        finally:
+            user.down()
 
     base = rows[0]
     cols = ["configuration", "Gbit/s", "x veth", "RTT ms", "added RTT", "CPU s/GB", "pings"]
@@ -287,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in r:
             print(f"  {r['config']}: not measured: {r['skipped']}")
         if "sa_counters" in r:
-            print(f"  {r['config']}: client out SA counters {r['sa_counters']}")
+            print(f"  {r['config']}: client counters {r['sa_counters']}")
     print("  CPU s/GB: machine-wide busy CPU time during iperf3 per GB moved (other load counts)")
     if emu:
         print("  SOFTWARE EMULATION: the figures above are emulated; use them for correctness only")

@@ -45,6 +45,7 @@ class SecurityAssociation:
     @property
     def rx_highest_seq(self) -> int: ...
     def _skip_tx_seq_to(self, last: int) -> None: ...
+    def _skip_rx_seq_to(self, last: int) -> None: ...
 
 class FrameDecoder:
     def __init__(self, max_frame: int = 65535) -> None: ...
@@ -107,6 +108,7 @@ class DataPlane:
         *,
         replay_window: int = 4096,
         esn: bool = False,
+        rx_seq: int = 0,
     ) -> None: ...
     def set_outbound_sa(
         self,
@@ -116,6 +118,7 @@ class DataPlane:
         auth_key: bytes,
         *,
         esn: bool = False,
+        tx_seq: int = 0,
         soft_packets: int | None = None,
         soft_bytes: int | None = None,
     ) -> None: ...

@@ -72,8 +72,11 @@ Usage:
                    with --transport tcp: IKE and ESP over TCP (RFC 8229), -p port (4500);
                    with --transport raw: ESP as IP protocol 50, IKE on UDP 500
   --dataplane DP   userspace (default) or kernel: ESP in the Linux kernel (xfrm, an xfrm
-                   interface carries the routes; udp/raw only, needs --manual-keys)
-  --manual-keys F  manual key file (SPIs + keys per direction; same file on both ends)
+                   interface carries the routes; udp/raw with --manual-keys, or IKEv2)
+  --manual-keys F  manual key file (SPIs + keys per direction; same file on both ends): no
+                   handshake, for either data plane; udp/raw only
+  --peer HOST      server with --manual-keys: the client's address (required with --dataplane
+                   kernel; without it the userspace server learns it from the first packet)
   --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
@@ -84,9 +87,12 @@ Usage:
 
 GENKEY_USAGE = f"""\
 Usage: {PROG} genkey > KEYFILE
+       {PROG} genkey --manual [--bits 128|192|256] [--esn] [--transport esp|esp-in-udp] > FILE
 
 Writes a new pre-shared key (32 random bytes, base64, one line) to stdout. When stdout is a
 file, its mode is set to 0600. Copy the file to the other end and pass --key KEYFILE on both.
+With --manual: a new manual key file (SPIs and random keys per direction, AES-CBC with
+--bits, default 256; transport default esp-in-udp) for --manual-keys FILE on both ends.
 """
 
 NO_KEY_HINT = (
@@ -135,6 +141,7 @@ _METAVARS = {
     "--key-exchange": "K",
     "--dataplane": "DP",
     "--manual-keys": "FILE",
+    "--peer": "HOST",
 }
 
 
@@ -192,6 +199,7 @@ def _parser() -> _Parser:
     p.add_argument("--key-exchange", dest="key_exchange", default="psk")
     p.add_argument("--dataplane", type=_dataplane, default="userspace")
     p.add_argument("--manual-keys", dest="manual_keys")
+    p.add_argument("--peer", dest="peer", type=_host)
     return p
 
 
@@ -215,6 +223,11 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         raise UsageError("-i IFNAME is required: the tunnel device to use, e.g. -i tun0")
     if ns.plaintext and ns.key is not None:
         raise UsageError("--key and --plaintext are mutually exclusive; pick one")
+    if ns.manual_keys is not None and (ns.plaintext or ns.cipher is not None):
+        raise UsageError(
+            "--manual-keys: the key file gives the cipher (its enc-key length) and always "
+            "encrypts; drop --cipher / --plaintext"
+        )
     if ns.plaintext and ns.cipher is not None:
         raise UsageError("--cipher does not apply to --plaintext (it sends packets unencrypted)")
     key = None
@@ -230,12 +243,14 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
 
         if key is None:
             raise UsageError("--key-exchange ikev2 needs --key FILE (the IKE pre-shared key)")
-        if ns.dataplane != "userspace" or ns.manual_keys is not None:
-            raise UsageError(
-                "--key-exchange ikev2 keys the userspace data plane in this version: "
-                "drop --dataplane kernel and --manual-keys"
-            )
+        if ns.manual_keys is not None:
+            raise UsageError("--key-exchange ikev2 negotiates its keys: drop --manual-keys")
         transport = ns.transport or "udp"
+        if ns.dataplane == "kernel" and transport != "udp":
+            raise UsageError(
+                "--key-exchange ikev2 --dataplane kernel runs ESP-in-UDP: drop --transport "
+                f"{transport} (or use --dataplane userspace)"
+            )
         if ns.cipher is not None or (ns.port is not None and transport != "tcp"):
             raise UsageError(
                 "--key-exchange ikev2 negotiates its ciphers and runs on UDP 500/4500: drop "
@@ -253,7 +268,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         return Config(
             server=True, ifname=ns.ifname, host=ike.local_ip, port=ns.port, tap=ns.tap,
             mtu=ns.mtu, addresses=tuple(ns.addrs), routes=tuple(ns.routes), transport=transport,
-            ike=ike,
+            ike=ike, dataplane=ns.dataplane,
         ), ns.debug  # fmt: skip
     ns.transport = ns.transport or "tcp"
     if ns.port is None:
@@ -275,7 +290,24 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         transport=ns.transport,
         dataplane=ns.dataplane,
         manual_keys=ns.manual_keys,
+        peer=ns.peer,
     ), ns.debug
+
+
+def preflight(config: Config) -> None:
+    """What can be refused before a tunnel starts (ConfigError): the manual key file against
+    the tunnel, and for the kernel data plane its ESP support. Used by the CLI and ``up``."""
+    if config.dataplane == "kernel":
+        from simpletun import kernel_dp
+
+        if config.ike is not None:
+            kernel_dp.preflight_ike(config)
+        else:
+            kernel_dp.preflight(config)
+    elif config.manual_keys is not None:
+        from simpletun.config import check_manual_keys
+
+        check_manual_keys(config)
 
 
 def _error(message: str, status: int) -> int:
@@ -287,11 +319,33 @@ def genkey(argv: list[str]) -> int:
     if argv in (["-h"], ["--help"]):
         sys.stdout.write(GENKEY_USAGE)
         return 0
-    if argv:
+    text = keys.encode_key(keys.generate_key())
+    if argv and argv[0] == "--manual":
+        from simpletun import manual_keys
+
+        opts = {"bits": "256", "transport": "esp-in-udp"}
+        rest = argv[1:]
+        esn = False
+        while rest:
+            flag = rest.pop(0)
+            if flag == "--esn":
+                esn = True
+            elif flag in ("--bits", "--transport") and rest:
+                opts[flag[2:]] = rest.pop(0)
+            else:
+                return _error(f"genkey --manual: unknown or incomplete option {flag!r}", 2)
+        if opts["bits"] not in ("128", "192", "256"):
+            return _error(f"genkey --manual: --bits {opts['bits']}: use 128, 192 or 256", 2)
+        if opts["transport"] not in manual_keys.TRANSPORTS:
+            return _error("genkey --manual: --transport must be esp or esp-in-udp", 2)
+        text = manual_keys.generate(
+            key_bits=int(opts["bits"]), esn=esn, transport=opts["transport"]
+        )
+    elif argv:
         return _error(f"genkey takes no arguments, got '{argv[0]}'; run: {PROG} genkey > key", 2)
     sys.stdout.flush()
     try:
-        warning = keys.write_key_to_fd(sys.stdout.fileno(), keys.generate_key())
+        warning = keys.write_secret_to_fd(sys.stdout.fileno(), text)
     except OSError as e:
         return _error(f"cannot write the key: {e.strerror or e}", 1)
     if warning:
@@ -477,13 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(USAGE)
         return 0
     config, debug = parsed
-    if config.dataplane == "kernel":  # a kernel without ESP: one line, exit 2
-        from simpletun import kernel_dp
-
-        try:
-            kernel_dp.preflight(config)
-        except ConfigError as e:
-            return _error(str(e), 2)
+    try:  # a bad key file, a kernel without ESP: one line, exit 2, before anything starts
+        preflight(config)
+    except ConfigError as e:
+        return _error(str(e), 2)
     limiter = _setup_logging(debug)
     from functools import partial
 

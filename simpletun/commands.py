@@ -96,10 +96,9 @@ def up(argv: list[str]) -> int:
     if not pos:
         raise ConfigError(f"up needs a config: {PROG} up NAME (/etc/simpletun/NAME.toml) or a path")
     tf = configfile.load(pos[0])  # ConfigFileError: one line, exit 2
-    if tf.config.dataplane == "kernel":  # e.g. a kernel without ESP: one line, exit 2, now
-        from simpletun import kernel_dp
+    from simpletun.cli import preflight
 
-        kernel_dp.preflight(tf.config)
+    preflight(tf.config)  # a bad manual key file, a kernel without ESP: one line, exit 2, now
     debug = "-d" in flags
     if "--foreground" in flags:
         return _foreground(tf, debug)
@@ -275,9 +274,10 @@ def _ago(t: float | None) -> str:
 
 def format_status(st: dict) -> str:
     lines = [f"interface: {st['interface']}"]
-    role = (
-        f"server, listening on TCP port {st['listen_port']}" if st["role"] == "server" else "client"
-    )
+    proto = "TCP" if st["transport"] == "tcp" else "UDP"
+    role = st["role"]
+    if role == "server" and st.get("listen_port"):
+        role = f"server, listening on {proto} port {st['listen_port']}"
     lines.append(f"  role: {role}; transport: {st['transport']}; data plane: {st['dataplane']}")
     lines.append(f"  {st['encryption']}, {st['mode'].upper()}, mtu {st['mtu']}")
     if st["addresses"]:
@@ -291,17 +291,28 @@ def format_status(st: dict) -> str:
         if p.get("endpoint"):
             lines.append(f"  endpoint: {p['endpoint']}")
         lines.append(f"  allowed ips: {', '.join(p['allowed_ips']) or '(none routed)'}")
-        lines.append(f"  latest handshake: {_ago(p['latest_handshake'])}")
+        manual = "manual keys" in st["encryption"]  # no handshake: the SAs since start
+        label = "keyed (manual keys)" if manual else "latest handshake"
+        lines.append(f"  {label}: {_ago(p['latest_handshake'])}")
         if p.get("connected"):
             lines.append(
                 f"  transfer: {_bytes(p['rx_bytes'])} received ({p['rx_packets']} packets), "
                 f"{_bytes(p['tx_bytes'])} sent ({p['tx_packets']} packets)"
             )
             for sa in p["sas"]:
-                extra = f"seq {sa['seq']}" if "seq" in sa else f"{sa['packets']} packets"
+                if "seq" in sa:
+                    extra = f"seq {sa['seq']}"
+                elif "highest_seq" in sa:
+                    extra = f"{sa['packets']} packets, highest seq {sa['highest_seq']}"
+                else:
+                    extra = f"{sa['packets']} packets"
                 lines.append(
                     f"  SA {sa['direction']}: spi {sa['spi']}, {extra}, age {sa['age']:.0f} s"
                 )
             drops = ", ".join(f"{k}={v}" for k, v in p.get("drops", {}).items())
             lines.append(f"  drops: {drops or 'none'}")
+    if st.get("drops"):  # the whole tunnel's: every peer's, and e.g. packets for no known SPI
+        lines.append("")
+        drops = ", ".join(f"{k}={v}" for k, v in st["drops"].items())
+        lines.append(f"drops, whole tunnel: {drops}")
     return "\n".join(lines)

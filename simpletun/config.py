@@ -196,6 +196,9 @@ class Config:
     ike: object | None = field(default=None, repr=False)  # ikesession.IkeSetup: IKEv2 keying
     dataplane: str = "userspace"  # or "kernel" (simpletun.kernel_dp: xfrm, manual keys)
     manual_keys: str | None = None  # manual key file (SPIs + keys per direction)
+    # Manual keys, server: the client's fixed address (no handshake to learn it); the client's
+    # is ``host``. Optional on the userspace data plane (learnt from the first authentic packet).
+    peer: str | None = None
 
     def __post_init__(self) -> None:
         check_ifname(self.ifname)
@@ -203,10 +206,35 @@ class Config:
         check_dataplane(self.dataplane)
         if self.dataplane == "kernel" and self.transport == "tcp":
             raise ConfigError("--dataplane kernel is for --transport udp or raw (ESP), not tcp")
-        if self.dataplane == "kernel" and not self.manual_keys:
+        if self.dataplane == "kernel" and not self.manual_keys and self.ike is None:
             raise ConfigError(
                 "--dataplane kernel needs --manual-keys FILE (the same file on both ends)"
             )
+        if self.dataplane == "kernel" and self.tap:
+            raise ConfigError(
+                "--dataplane kernel carries IP packets (an xfrm interface, like TUN): drop -a"
+            )
+        if self.manual_keys is not None:
+            if self.transport == "tcp":
+                raise ConfigError("--manual-keys is for --transport udp or raw (ESP), not tcp")
+            if self.key is not None or self.ike is not None:
+                raise ConfigError(
+                    "--manual-keys and --key exclude each other: manual keys need no handshake "
+                    "(drop --key, or drop --manual-keys to run the handshake)"
+                )
+            if self.server and self.peer is None and self.dataplane == "kernel":
+                raise ConfigError(
+                    "--dataplane kernel -s needs --peer HOST (the client's address: manual "
+                    "keying has no handshake to learn it)"
+                )
+        elif self.peer is not None:
+            raise ConfigError(
+                "--peer is for --manual-keys (a handshake learns the client's address)"
+            )
+        if self.peer is not None:
+            if not self.server:
+                raise ConfigError("--peer is for a server (-s); a client names its peer with -c")
+            object.__setattr__(self, "peer", check_host(self.peer))
         keyed = self.key is not None or self.manual_keys is not None or self.ike is not None
         if self.transport != "tcp" and not keyed:
             raise ConfigError(
@@ -225,7 +253,8 @@ class Config:
 
     @property
     def esp(self) -> bool:
-        return self.key is not None
+        """Encrypted (ESP): a handshake key, a manual key file or IKEv2; else plaintext."""
+        return self.key is not None or self.manual_keys is not None or self.ike is not None
 
     @property
     def max_frame(self) -> int:
@@ -241,3 +270,23 @@ class Config:
         if failures <= 0:
             return 0.0
         return min(self.backoff_initial * 2 ** min(failures - 1, 32), self.backoff_max)
+
+
+def check_manual_keys(config: Config):
+    """Read ``config``'s manual key file and check it against the tunnel (both data planes):
+    transport, ESP-in-UDP port. Returns the ``manual_keys.ManualKeys``; ConfigError otherwise."""
+    from simpletun import manual_keys
+
+    mk = manual_keys.load(config.manual_keys)
+    want = "esp-in-udp" if config.transport == "udp" else "esp"
+    if mk.transport != want:
+        raise ConfigError(
+            f"--manual-keys {config.manual_keys}: transport = {mk.transport!r} but "
+            f"--transport {config.transport}; set transport = {want!r} in the file"
+        )
+    if config.transport == "udp" and config.port != mk.port:
+        raise ConfigError(
+            f"--manual-keys {config.manual_keys}: port = {mk.port} but the tunnel uses UDP "
+            f"port {config.port}; give both ends the file's port (-p {mk.port} / listen_port)"
+        )
+    return mk

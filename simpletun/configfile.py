@@ -286,6 +286,14 @@ def loads(text: str, path: Path) -> TunnelFile:
         mk_file = str(path.parent / mk_file)
     if plaintext and key_file is not None:
         raise w.error("interface", "key_file", "plaintext = true and key_file exclude each other")
+    if mk_file is not None:
+        for other in ("key_file", "plaintext", "cipher"):
+            if other in iface:
+                raise w.error(
+                    "interface", other,
+                    "does not go with manual_keys_file (the key file has the keys and cipher, "
+                    "and there is no handshake); remove it",
+                )  # fmt: skip
     if not plaintext and key_file is None and mk_file is None:
         raise w.error(
             "interface",
@@ -331,6 +339,10 @@ def loads(text: str, path: Path) -> TunnelFile:
         )
     listen_port = iface.get("listen_port")
     client = bool(peers and peers[0].endpoint)
+    peer_addr = None
+    if mk_file is not None and listen_port is not None and client:
+        # manual keys: a server's [[peer]] endpoint is the client's fixed address
+        peer_addr, client = peers[0].endpoint[0], False
     if listen_port is not None and client:
         raise w.error(
             "interface",
@@ -357,29 +369,35 @@ def loads(text: str, path: Path) -> TunnelFile:
         for p in peers
     ]  # fmt: skip
     routes = tuple(r for p in peers for r in p.allowed_ips)
-    config = Config(
-        server=not client,
-        ifname=name,
-        host=peers[0].endpoint[0] if client else listen_address,
-        port=peers[0].endpoint[1] if client else listen_port,
-        tap=mode == "tap",
-        key=key,
-        cipher=cipher or DEFAULT_CIPHER,
-        mtu=mtu
-        if mtu is not None
-        else default_mtu(
-            transport,
-            peers[0].endpoint[0] if client else listen_address,
-            tap=mode == "tap",
+    try:
+        config = Config(
             server=not client,
-        ),
-        transport=transport,
-        dataplane=dataplane,
-        manual_keys=mk_file,
-        addresses=addresses,
-        routes=routes,
-        keepalive=peers[0].persistent_keepalive if peers else None,
-    )
+            ifname=name,
+            host=peers[0].endpoint[0] if client else listen_address,
+            port=peers[0].endpoint[1] if client else listen_port,
+            tap=mode == "tap",
+            key=key,
+            cipher=cipher or DEFAULT_CIPHER,
+            mtu=mtu
+            if mtu is not None
+            else default_mtu(
+                transport,
+                peers[0].endpoint[0] if client else listen_address,
+                tap=mode == "tap",
+                server=not client,
+            ),
+            transport=transport,
+            dataplane=dataplane,
+            manual_keys=mk_file,
+            peer=peer_addr,
+            addresses=addresses,
+            routes=routes,
+            keepalive=peers[0].persistent_keepalive if peers else None,
+        )
+    except ConfigFileError:
+        raise
+    except ConfigError as e:  # a combination only the whole tunnel shows
+        raise ConfigFileError(f"{path}: {e}") from None
     post_up = tuple(_strings(w, "interface", "post_up", iface.get("post_up", [])))
     pre_down = tuple(_strings(w, "interface", "pre_down", iface.get("pre_down", [])))
     return TunnelFile(path, config, tuple(peers), post_up, pre_down, key_file)
@@ -421,12 +439,19 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
                 "interface", key, 'does not apply to key_exchange = "ikev2" (IKE uses UDP 500 '
                 "and 4500, or with transport = \"tcp\" listen_port; keys are per [[peer]])",
             )  # fmt: skip
-    if iface.get("dataplane", "userspace") != "userspace":
+    dataplane = iface.get("dataplane", "userspace")
+    if dataplane not in DATAPLANES:
+        raise w.error(
+            "interface", "dataplane", f"{dataplane!r}: use one of {', '.join(DATAPLANES)}"
+        )
+    if dataplane == "kernel" and transport != "udp":
         raise w.error(
             "interface", "dataplane",
-            'IKEv2 keys the "userspace" data plane in this version (the kernel data plane '
-            "takes manual keys: manual_keys_file without key_exchange)",
+            'IKEv2 on the kernel data plane runs ESP-in-UDP: use transport = "udp" (or '
+            'dataplane = "userspace" for tcp/raw)',
         )  # fmt: skip
+    if "manual_keys_file" in iface:
+        raise w.error("interface", "manual_keys_file", 'does not go with key_exchange = "ikev2"')
     name, mode, addresses = _device(w, path, iface, check)
     if "listen_address" not in iface:
         raise w.error(
@@ -509,6 +534,11 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
                 times[key] = p[key]
         for key in ("rekey_packets", "rekey_bytes"):
             if key in p:
+                if dataplane == "kernel":
+                    raise w.error(
+                        "peer", key, 'applies to the userspace data plane (dataplane = "kernel" '
+                        "rekeys by rekey_time)", i,
+                    )  # fmt: skip
                 times[key] = check(key, lambda v, k=key: check_rekey_limit(k, v), p[key], "peer", i)
         if "persistent_keepalive" in p and not 1 <= p["persistent_keepalive"] <= 3600:
             raise w.error("peer", "persistent_keepalive", "must be 1-3600 seconds", i)
@@ -536,7 +566,7 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
         port=listen_port or TCP_PORT if transport == "tcp" else ESP_IN_UDP_PORT,
         mtu=mtu if mtu is not None else default_mtu(transport, local_ip, tap=mode == "tap",
                                                     server=True),
-        transport=transport, addresses=addresses, routes=routes, ike=setup,
+        transport=transport, addresses=addresses, routes=routes, ike=setup, dataplane=dataplane,
     )  # fmt: skip
     peers = tuple(
         Peer(sp.name, sp.endpoint, sp.allowed_ips, p.get("persistent_keepalive"))
@@ -593,7 +623,10 @@ def dumps(tf: TunnelFile) -> str:
         if c.host:
             out.append(f"listen_address = {q(c.host)}")
     out.append(f"mtu = {c.mtu}")
-    if not c.esp:
+    if c.manual_keys is not None:
+        out.append(f"dataplane = {q(c.dataplane)}")
+        out.append(f"manual_keys_file = {q(c.manual_keys)}")
+    elif not c.esp:
         out.append("plaintext = true")
     else:
         out.append(f"key_file = {q(tf.key_file or '')}")

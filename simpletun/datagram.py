@@ -360,6 +360,7 @@ class DatagramTunnel:
         self.handshake_failures = 0
         self.device_recreated = 0
         self.last_exit_reason: str | None = None
+        self.encryption: str | None = None  # status override (manual keys: the file's cipher)
 
     @property
     def session(self) -> DatagramSession | None:
@@ -383,21 +384,38 @@ class DatagramTunnel:
         return dict(self.dp.stats) if self.dp is not None else {}
 
     def status(self) -> dict:
-        """What ``simpletun status`` shows (``session.tunnel_status``, one place for both)."""
-        from simpletun.session import tunnel_status
+        """What ``simpletun status`` shows (``session.tunnel_status``, one place for both),
+        with each SA's sequence number and counters from the data plane's SA table and the
+        tunnel-wide drops (e.g. packets for an unknown SPI)."""
+        from simpletun.session import overlay_sas, tunnel_status
 
         sess = self._session
         view = None
         if sess is not None:
             view = (hs_peer(sess.addr), sess.handshake, sess.stats, sess.duration)
-        return tunnel_status(self, self.transport, view)
+        st = tunnel_status(self, self.transport, view)
+        if self.dp is not None:
+            if sess is not None:
+                table = {(s["spi"], s["inbound"]): s for s in self.dp.sas()}
+                out = table.get((sess.handshake.tx.spi, False), {})
+                inn = table.get((sess.handshake.rx.spi, True), {})
+                overlay_sas(st["peers"][0], out, inn)
+            st["drops"] = {k[5:]: v for k, v in self.stats().items() if k.startswith("drop_") and v}
+        return st
 
 
 class _Plane:
     """A DataPlane with its UDP transport and (raw mode) raw ESP transports, and the sockets
     it was given (owned here, closed by ``close``)."""
 
-    def __init__(self, device, tap: bool, udp: socket.socket, raw_families: tuple[int, ...]):
+    def __init__(
+        self,
+        device,
+        tap: bool,
+        udp: socket.socket,
+        raw_families: tuple[int, ...],
+        raw_bind: str | None = None,
+    ):
         from simpletun._core import DataPlane
 
         self.socks = [udp]
@@ -408,6 +426,12 @@ class _Plane:
             for fam in raw_families:
                 try:
                     s = raw_esp_socket(fam)
+                    if raw_bind is not None:  # only ESP to this address (--listen)
+                        try:
+                            s.bind((raw_bind, 0))
+                        except OSError:
+                            s.close()
+                            raise
                 except OSError as e:
                     if fam == socket.AF_INET6 and len(raw_families) > 1:
                         log.debug("no IPv6 raw ESP socket: %s", e)
@@ -679,6 +703,91 @@ async def connect(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunne
         await trio.to_thread.run_sync(plane.close)
 
 
+async def manual(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunnel=None) -> None:
+    """Manual keying (``--manual-keys FILE``): the SAs come from the key file (the same file a
+    kernel end, ``--dataplane kernel``, reads), no handshake. The peer's address is fixed: the
+    client's ``-c HOST``, the server's ``--peer HOST`` (without it, the server learns the
+    client's address from its first authentic packet, as the data plane's roaming does).
+    ESP-in-UDP uses the file's port at both ends (source and destination, as the kernel's
+    encapsulation does)."""
+    from simpletun.config import check_manual_keys
+
+    mk = await trio.to_thread.run_sync(check_manual_keys, config)
+    role = "server" if config.server else "client"
+    transport = config.transport
+    peer_host = config.peer if config.server else config.host
+    family, addr = socket.AF_INET, None
+    if peer_host is not None:
+        family, addr = await trio.to_thread.run_sync(_resolve, peer_host, mk.port)
+    elif config.host is not None:  # the server's --listen address picks the family
+        family = _resolve(config.host, mk.port)[0]
+    # udp: the data socket on the file's port; raw: an unused UDP socket (the data plane
+    # wants one) on any port, the data on raw ESP sockets.
+    bind_host = config.host if config.server else None
+    try:
+        if bind_host is None and family == socket.AF_INET:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                udp.bind(("0.0.0.0", mk.port if transport == "udp" else 0))
+                _no_pmtu(udp)
+            except BaseException:
+                udp.close()
+                raise
+        else:
+            udp = udp_socket(bind_host, mk.port if transport == "udp" else 0)
+    except OSError as e:
+        raise SimpletunError(f"cannot bind UDP port {mk.port}: {e.strerror or e}") from None
+    try:
+        fams = (family,) if transport == "raw" else ()
+        plane = _Plane(device, config.tap, udp, fams, raw_bind=bind_host)
+    except BaseException:
+        udp.close()
+        raise
+    tunnel = tunnel or DatagramTunnel(config, transport, mk.port if transport == "udp" else 0)
+    tunnel.dp, tunnel.device, tunnel.session = plane.dp, device, None
+    tunnel.encryption = mk.describe()
+    tid = plane.raw.get(family, plane.udp)
+    endpoint = None
+    if addr is not None:
+        endpoint = (addr[0], mk.port if transport == "udp" else 0)
+    peer = plane.dp.add_peer(tid, ALL_PREFIXES, endpoint)
+    mk.install(plane.dp, peer, role)
+    o, i = mk.outbound(role), mk.inbound(role)
+    result = HandshakeResult(
+        mk.cipher_name, SaKeys(o.spi, o.enc_key, o.auth_key), SaKeys(i.spi, i.enc_key, i.auth_key)
+    )
+    tunnel.session = DatagramSession(plane.dp, peer, endpoint or ("(learnt)", 0), result)
+    tunnel.sessions += 1
+    log.info(
+        "%s on %s, manual keys %s (ESP %s, %s), peer %s, SPIs out 0x%08x in 0x%08x",
+        role,
+        device.name,
+        config.manual_keys,
+        mk.cipher_name,
+        "ESP-in-UDP" if transport == "udp" else "raw ESP",
+        hs_peer(endpoint) if endpoint else "learnt from its first authentic packet",
+        o.spi,
+        i.spi,
+    )
+
+    def on_event(ev) -> None:
+        if ev[0] == "control":
+            return  # no handshake with manual keys: control datagrams are ignored
+        log.debug("data plane event %s", ev)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_events, plane.dp, on_event)
+            nursery.start_soon(_watch_done, plane.dp)
+            task_status.started(tunnel)
+    except BaseExceptionGroup as g:
+        raise _unwrap(g) from None
+    finally:
+        if tunnel.session is not None:
+            log.debug("%s", tunnel.session.counters_line())
+        await trio.to_thread.run_sync(plane.close)
+
+
 async def _until_dead(dp, peer: int) -> None:
     """Return once we have sent to ``peer`` but heard nothing authentic for DEAD_AFTER s."""
     last_rx = dp.peer_stats(peer)["last_rx_ms"]
@@ -722,7 +831,10 @@ async def run(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    loop = partial(serve if config.server else connect, tunnel=tunnel)
+                    if config.manual_keys is not None:
+                        loop = partial(manual, tunnel=tunnel)
+                    else:
+                        loop = partial(serve if config.server else connect, tunnel=tunnel)
                     started = await nursery.start(loop, config, device)
                     if tunnel is None:
                         tunnel = started

@@ -345,15 +345,16 @@ class IkeGlue:
                 self.handle(self.ep.delete_child(ike, a.spi_in, self.clock()))
             return
         esn = a.suite.esn
-        self.dp.add_inbound_sa(st.dp_peer, a.spi_in, a.enc_in, a.auth_in, esn=esn)
-        view = ChildView(a.spi_in, a.spi_out, a.suite.name(), a.sa, self.clock())
-        st.children[a.spi_in] = view
+        # The endpoint first: a kernel SA needs the peer's address.
         if a.encap is not None:
             self.dp.set_endpoint(st.dp_peer, tuple(a.encap[1]))
         elif self.raw:
             ike = next((s for s in self.ep.sas.values() if s.name == a.sa), None)
             if ike is not None:
                 self.dp.set_endpoint(st.dp_peer, (ike.remote[0], 0))
+        self.dp.add_inbound_sa(st.dp_peer, a.spi_in, a.enc_in, a.auth_in, esn=esn)
+        view = ChildView(a.spi_in, a.spi_out, a.suite.name(), a.sa, self.clock())
+        st.children[a.spi_in] = view
         if a.initiator or a.rekey_of is None or a.rekey_of not in st.children:
             self._switch_out(st, a)
         else:
@@ -579,13 +580,6 @@ async def run(
         glue = IkeGlue(ep, dp, udp, send500, local_ip, stream=tcp, esp=esp)
         glue.dp_obj = dp
 
-        async def recv500() -> None:
-            s500 = trio.socket.from_stdlib_socket(sock500)
-            port = sock500.getsockname()[1]
-            while True:
-                data, addr = await s500.recvfrom(65535)
-                glue.receive(data, port, (addr[0], addr[1]))
-
         async def connect(p: PeerConfig) -> None:
             host, port = p.remote_addr
             try:
@@ -622,40 +616,24 @@ async def run(
                             glue.streams.pop((addr[0], addr[1]), None)
                             log.debug("TCP connection from %s not taken: %s", addr, e)
 
-        async def timers(nursery) -> None:
-            while True:
-                glue.changed = trio.Event()
-                wake = glue.next_wakeup()
-                delay = 1.0 if wake is None else max(0.0, wake - time.monotonic())
-                with trio.move_on_after(min(delay, 1.0)):
-                    await glue.changed.wait()
-                glue.tick()
-                for p in glue.due_connects():
-                    nursery.start_soon(connect, p)
-
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_events, dp, glue.on_event)
             nursery.start_soon(_watch_done, dp)
             if not tcp:
-                nursery.start_soon(recv500)
+                s500 = trio.socket.from_stdlib_socket(sock500)
+                nursery.start_soon(_recv, glue, s500, sock500.getsockname()[1])
             elif listener is not None:
                 nursery.start_soon(accept, nursery)
-            nursery.start_soon(timers, nursery)
+            nursery.start_soon(_timers, glue, lambda p: nursery.start_soon(connect, p))
             for p in list(ep.peers):
                 glue.start(p)
             task_status.started(glue)
     finally:
         with trio.CancelScope(shield=True):
-            for st in list(getattr(locals().get("glue"), "peers", {}).values()):
-                for sa in ep.find(st.config.name):
-                    for a in ep.delete_ike(sa, time.monotonic()):
-                        if isinstance(a, Send) and a.local_port == NATT_PORT:
-                            try:
-                                dp.send_control(udp, a.remote, a.data)
-                            except SimpletunError:
-                                pass
-                        elif isinstance(a, Send) and sock500 is not None:  # raw: IKE on 500
-                            send500(a.data, a.remote)
+            _goodbye(
+                locals().get("glue"), ep, lambda a: dp.send_control(udp, a.remote, a.data),
+                locals().get("send500") if sock500 is not None else None,  # IKE on 500
+            )  # fmt: skip
             await trio.to_thread.run_sync(dp.stop)
 
 
@@ -687,6 +665,75 @@ def tcp_listener(local_ip: str, port: int) -> socket.socket:
             f"cannot listen on TCP {local_ip} port {port}: {e.strerror or e}"
         ) from None
     return s
+
+
+async def _recv(glue: IkeGlue, sock, port: int) -> None:
+    """IKE datagrams of one (trio) socket to the endpoint."""
+    while True:
+        data, addr = await sock.recvfrom(65535)
+        glue.receive(data, port, (addr[0], addr[1]))
+
+
+async def _timers(glue: IkeGlue, connect=None) -> None:
+    """The endpoint's timers (retransmissions, lifetimes, DPD) and re-initiations; over TCP,
+    ``connect(peer)`` opens the connections that are due."""
+    while True:
+        glue.changed = trio.Event()
+        wake = glue.next_wakeup()
+        delay = 1.0 if wake is None else max(0.0, wake - time.monotonic())
+        with trio.move_on_after(min(delay, 1.0)):
+            await glue.changed.wait()
+        glue.tick()
+        if connect is not None:
+            for p in glue.due_connects():
+                connect(p)
+
+
+def _goodbye(glue: IkeGlue | None, ep: Endpoint, send4500, send500=None) -> None:
+    """On exit: delete every IKE SA, telling the peers (port 4500 messages via ``send4500``;
+    with raw ESP, port 500 ones via ``send500(data, addr)``)."""
+    for st in list(getattr(glue, "peers", {}).values()):
+        for sa in ep.find(st.config.name):
+            for a in ep.delete_ike(sa, time.monotonic()):
+                if not isinstance(a, Send):
+                    continue
+                try:
+                    if a.local_port == NATT_PORT:
+                        send4500(a)
+                    elif send500 is not None:
+                        send500(a.data, a.remote)
+                except (SimpletunError, OSError):
+                    pass
+
+
+async def run_with_plane(
+    plane, ep: Endpoint, sock500, sock4500, local_ip: str, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    """:func:`run` with another data plane (``kernel_dp.KernelPlane``): IKE on port 4500 is
+    read from ``sock4500`` itself (the kernel takes the ESP on it). The caller owns the
+    sockets and the plane; ``task_status.started`` gets the :class:`IkeGlue`."""
+    ep.force_encap = True
+    s500 = trio.socket.from_stdlib_socket(sock500)
+    s4500 = trio.socket.from_stdlib_socket(sock4500)
+
+    def send500(data: bytes, addr) -> None:
+        try:
+            sock500.sendto(data, addr)
+        except OSError as e:
+            log.debug("sending to %s from port 500 failed: %s", addr, e)
+
+    glue = IkeGlue(ep, plane, 0, send500, local_ip)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_recv, glue, s500, sock500.getsockname()[1])
+            nursery.start_soon(_recv, glue, s4500, NATT_PORT)
+            nursery.start_soon(_timers, glue)
+            for p in list(ep.peers):
+                glue.start(p)
+            task_status.started(glue)
+    finally:
+        with trio.CancelScope(shield=True):
+            _goodbye(glue, ep, lambda a: sock4500.sendto(a.data, tuple(a.remote)))
 
 
 # -- from a config file ------------------------------------------------------------------------
@@ -817,7 +864,7 @@ class IkeTunnel:
             "encryption": "ESP keyed by IKEv2",
             "role": "ikev2",
             "transport": c.ike.transport,
-            "dataplane": "userspace",
+            "dataplane": c.dataplane,
             "key_exchange": "ikev2",
             "listen_address": c.ike.local_ip,
             "listen_port": c.ike.listen_port if c.ike.transport == "tcp" else NATT_PORT,

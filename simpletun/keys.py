@@ -80,7 +80,12 @@ def load_key(path: str) -> bytes:
 
 
 def write_key_to_fd(fd: int, key: bytes) -> str | None:
-    """Write ``key`` as a key file to ``fd`` (normally stdout).
+    """Write ``key`` as a key file to ``fd`` (normally stdout); see :func:`write_secret_to_fd`."""
+    return write_secret_to_fd(fd, encode_key(key))
+
+
+def write_secret_to_fd(fd: int, text: str) -> str | None:
+    """Write a secret file's ``text`` to ``fd`` (normally stdout).
 
     When ``fd`` is a regular file it is first restricted to mode 0600 so that
     ``simpletun genkey > key`` gives a usable key file. Returns a warning to show the user, or
@@ -98,7 +103,7 @@ def write_key_to_fd(fd: int, key: bytes) -> str | None:
             "the key is not going to a file; keep it secret and store it with mode 0600 "
             "(e.g. simpletun genkey > key)"
         )
-    data = encode_key(key).encode("ascii")
+    data = text.encode("ascii")
     while data:
         n = os.write(fd, data)
         data = data[n:]

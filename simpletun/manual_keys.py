@@ -15,6 +15,8 @@ Format (TOML; keys and SPIs written as ``ip xfrm`` writes them)::
     spi = 0x01000000
     enc-key = "0x000102030405060708090a0b0c0d0e0f"
     auth-key = "0x<64 hex digits>"
+    # seq = 0xfffffffc             # optional: this direction's sequence numbers continue after
+                                   # this one (default 0); for tests, e.g. ESN crossing 2^32
 
     [server-to-client]
     spi = 0x01000001
@@ -22,8 +24,12 @@ Format (TOML; keys and SPIs written as ``ip xfrm`` writes them)::
     auth-key = "0x..."
 
 The server (``simpletun -s``) sends with ``server-to-client`` and receives with
-``client-to-server``; the client the other way round. Every problem is reported as one
-ConfigError line naming the file, the setting and the fix.
+``client-to-server``; the client the other way round. ``seq`` presets a direction at both of
+its ends (the sender's first packet carries ``seq + 1``, the receiver's replay window starts
+there), in the kernel (``XFRMA_REPLAY_ESN_VAL``, ``ip xfrm`` ``replay-oseq``/``replay-seq``) and
+in simpletun's data plane alike; never lower it in a file whose keys were already used
+(sequence numbers must not repeat under one key). Every problem is reported as one ConfigError
+line naming the file, the setting and the fix.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ ROLES = ("server", "client")
 DIRECTIONS = ("client-to-server", "server-to-client")
 _TOP_KEYS = {"cipher", "auth", "replay-window", "esn", "transport", "port", *DIRECTIONS}
 _DIR_KEYS = {"spi", "enc-key", "auth-key"}
+_DIR_OPTIONAL = {"seq"}
 MIN_SPI = 0x100  # SPIs 1-255 are reserved by IANA (RFC 4303 section 2.1)
 
 
@@ -56,6 +63,7 @@ class DirectionKeys:
     spi: int
     enc_key: bytes
     auth_key: bytes
+    seq: int = 0  # the last sequence number already used (the first packet carries seq + 1)
 
 
 @dataclass(frozen=True)
@@ -85,10 +93,34 @@ class ManualKeys:
         from simpletun._core import SecurityAssociation
 
         o, i = self.outbound(role), self.inbound(role)
-        return (
-            SecurityAssociation(o.spi, o.enc_key, o.auth_key, self.replay_window, self.esn),
-            SecurityAssociation(i.spi, i.enc_key, i.auth_key, self.replay_window, self.esn),
-        )
+        out = SecurityAssociation(o.spi, o.enc_key, o.auth_key, self.replay_window, self.esn)
+        inn = SecurityAssociation(i.spi, i.enc_key, i.auth_key, self.replay_window, self.esn)
+        if o.seq:
+            out._skip_tx_seq_to(o.seq)
+        if i.seq:
+            inn._skip_rx_seq_to(i.seq)
+        return out, inn
+
+    def install(self, dp, peer: int, role: str) -> None:
+        """Give ``peer`` of the userspace data plane ``dp`` (``simpletun._core.DataPlane``)
+        this file's SAs for ``role``: the inbound one first, then the outbound one."""
+        o, i = self.outbound(role), self.inbound(role)
+        common = dict(esn=self.esn)
+        dp.add_inbound_sa(
+            peer, i.spi, i.enc_key, i.auth_key, replay_window=self.replay_window,
+            rx_seq=i.seq, **common,
+        )  # fmt: skip
+        dp.set_outbound_sa(peer, o.spi, o.enc_key, o.auth_key, tx_seq=o.seq, **common)
+
+    @property
+    def cipher_name(self) -> str:
+        """simpletun's name of the cipher suite, e.g. ``aes-256-cbc`` (``aes-128/256-cbc``
+        when the directions' keys differ in size)."""
+        bits = sorted({len(d.enc_key) * 8 for d in (self.client_to_server, self.server_to_client)})
+        return f"aes-{'/'.join(map(str, bits))}-cbc"
+
+    def describe(self) -> str:
+        return f"ESP {self.cipher_name} (manual keys)"
 
     def xfrm_sas(self, role: str, local: str, remote: str, *, reqid: int = 0, if_id=None):
         """(outbound, inbound) :class:`simpletun.xfrm.SA` for the kernel data plane, between
@@ -98,23 +130,35 @@ class ManualKeys:
         encap = xfrm.Encap(self.port, self.port) if self.transport == "esp-in-udp" else None
         o, i = self.outbound(role), self.inbound(role)
         common = dict(replay_window=self.replay_window, esn=self.esn, encap=encap, if_id=if_id)
+        m = 0xFFFFFFFF
         return (
-            xfrm.SA(local, remote, o.spi, o.enc_key, o.auth_key, reqid=reqid, **common),
-            xfrm.SA(remote, local, i.spi, i.enc_key, i.auth_key, reqid=reqid + 1, **common),
-        )
+            xfrm.SA(
+                local, remote, o.spi, o.enc_key, o.auth_key, reqid=reqid,
+                oseq=o.seq & m, oseq_hi=o.seq >> 32, **common,
+            ),
+            xfrm.SA(
+                remote, local, i.spi, i.enc_key, i.auth_key, reqid=reqid + 1,
+                seq=i.seq & m, seq_hi=i.seq >> 32, **common,
+            ),
+        )  # fmt: skip
 
     def ip_xfrm_commands(self, role: str, local: str, remote: str, *, reqid: int = 0) -> list[str]:
         """The ``ip xfrm state add`` commands installing the same SAs as :meth:`xfrm_sas`
         (for documentation and debugging; the tests check that both send the same bytes)."""
         out = []
-        for src, dst, k, r in (
-            (local, remote, self.outbound(role), reqid),
-            (remote, local, self.inbound(role), reqid + 1),
+        for src, dst, k, r, kind in (
+            (local, remote, self.outbound(role), reqid, "replay-oseq"),
+            (remote, local, self.inbound(role), reqid + 1, "replay-seq"),
         ):
+            preset = ""
+            if k.seq >> 32:
+                preset = f" {kind} {k.seq & 0xFFFFFFFF:#x} {kind}-hi {k.seq >> 32:#x}"
+            elif k.seq:
+                preset = f" {kind} {k.seq:#x}"
             cmd = (
                 f"ip xfrm state add src {src} dst {dst} proto esp spi {k.spi:#010x}"
                 f" reqid {r} mode tunnel"
-                f" replay-window {self.replay_window}"
+                f" replay-window {self.replay_window}{preset}"
                 + (" flag esn" if self.esn else "")
                 + f" auth-trunc 'hmac(sha256)' 0x{k.auth_key.hex()} 128"
                 f" enc 'cbc(aes)' 0x{k.enc_key.hex()}"
@@ -195,10 +239,10 @@ def parse(text: str, path: str = "manual key file") -> ManualKeys:
         sec = doc.get(d)
         if not isinstance(sec, dict):
             raise ConfigError(f"{path}: missing section [{d}] (spi, enc-key, auth-key)")
-        unknown = sorted(set(sec) - _DIR_KEYS)
+        unknown = sorted(set(sec) - _DIR_KEYS - _DIR_OPTIONAL)
         if unknown:
             raise ConfigError(
-                f"{path}: [{d}] unknown setting {unknown[0]!r}; use: spi, enc-key, auth-key"
+                f"{path}: [{d}] unknown setting {unknown[0]!r}; use: spi, enc-key, auth-key, seq"
             )
         for k in sorted(_DIR_KEYS):
             if k not in sec:
@@ -212,7 +256,15 @@ def parse(text: str, path: str = "manual key file") -> ManualKeys:
         )
         enc = _hex_key(f"{path}: [{d}]", sec["enc-key"], ENC_KEY_LENS, "enc-key (AES)")
         ak = _hex_key(f"{path}: [{d}]", sec["auth-key"], (AUTH_KEY_LEN,), "auth-key (HMAC-SHA-256)")
-        dirs.append(DirectionKeys(spi, enc, ak))
+        limit = 2**64 - 2 if esn else 2**32 - 2
+        seq = _int(
+            f"{path}: [{d}] seq",
+            sec.get("seq", 0),
+            0,
+            limit,
+            f"use 0 to {limit:#x}" + ("" if esn else " (beyond 2^32 needs esn = true)"),
+        )
+        dirs.append(DirectionKeys(spi, enc, ak, seq))
     if dirs[0].spi == dirs[1].spi:
         raise ConfigError(f"{path}: both directions use SPI {dirs[0].spi:#x}; give each its own")
     if dirs[0].enc_key == dirs[1].enc_key or dirs[0].auth_key == dirs[1].auth_key:
@@ -231,6 +283,7 @@ def generate(
     transport: str = "esp-in-udp",
     port: int = 4500,
     spi_base: int = 0x01000000,
+    seq: int = 0,
 ) -> str:
     """A new manual key file's content with random keys."""
     if key_bits not in (128, 192, 256):
@@ -253,6 +306,8 @@ def generate(
             f'enc-key = "0x{secrets.token_hex(key_bits // 8)}"',
             f'auth-key = "0x{secrets.token_hex(AUTH_KEY_LEN)}"',
         ]
+        if seq:
+            lines.append(f"seq = {seq:#x}")
     text = "\n".join(lines) + "\n"
     parse(text, "generated key file")  # the generator never writes what the parser refuses
     return text

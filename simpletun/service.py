@@ -30,7 +30,7 @@ def runner(config):
     if getattr(config, "dataplane", "userspace") == "kernel":
         from simpletun import kernel_dp
 
-        return kernel_dp.run
+        return kernel_dp.run_ike if getattr(config, "ike", None) is not None else kernel_dp.run
     if getattr(config, "ike", None) is not None:
         from simpletun import ikesession
 

@@ -329,6 +329,27 @@ class Tunnel:
             log.info("device %s recreated and configured", name)
 
 
+def overlay_sas(peer: dict, out: dict, inn: dict) -> None:
+    """Put an SA table's figures on a status peer's ``sas`` (one place for both data planes):
+    ``out``: ``tx_seq`` (the last sequence number sent), ``encap_packets``; ``inn``:
+    ``rx_highest_seq``, ``decap_packets`` and ``drop_<reason>``; missing keys are left alone."""
+    for sa in peer.get("sas", []):
+        src = out if sa["direction"] == "out" else inn
+        if sa["direction"] == "out":
+            if "tx_seq" in src:
+                sa["seq"] = src["tx_seq"]
+            if "encap_packets" in src:
+                sa["packets"] = src["encap_packets"]
+        else:
+            if "rx_highest_seq" in src:
+                sa["highest_seq"] = src["rx_highest_seq"]
+            if "decap_packets" in src:
+                sa["packets"] = src["decap_packets"]
+            drops = {k[5:]: v for k, v in src.items() if k.startswith("drop_") and v}
+            if drops:
+                sa["drops"] = drops
+
+
 def tunnel_status(t, transport: str, session) -> dict:
     """The data of ``simpletun status --json`` for a tunnel end ``t`` (a :class:`Tunnel` or a
     ``datagram.DatagramTunnel``); ``session`` is None or (remote peer, HandshakeResult or None,
@@ -364,7 +385,8 @@ def tunnel_status(t, transport: str, session) -> dict:
         "transport": transport,
         "dataplane": "userspace",
         "listen_port": t.port if c.server else None,
-        "encryption": f"ESP {c.cipher}" if c.esp else "plaintext",
+        "encryption": getattr(t, "encryption", None)
+        or (f"ESP {c.cipher}" if c.esp else "plaintext"),
         "mtu": c.mtu,
         "addresses": [str(a) for a in c.addresses],
         "up": session is not None,

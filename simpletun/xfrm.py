@@ -681,11 +681,13 @@ def build_newpolicy(pol: Policy) -> xfrm_userpolicy_info:
     return msg
 
 
-def build_policy_id(selector: Selector, dir: str) -> xfrm_userpolicy_id:
+def build_policy_id(selector: Selector, dir: str, if_id: int | None = None) -> xfrm_userpolicy_id:
+    """A policy's id; a policy bound to an xfrm interface is only found with its ``if_id``
+    (the kernel matches it too, as ``ip xfrm policy delete ... if_id N`` sends it)."""
     msg = xfrm_userpolicy_id()
     _fill_selector(msg, selector)
     msg["dir"] = DIRECTIONS[dir]
-    msg["attrs"] = []
+    msg["attrs"] = [] if if_id is None else [("XFRMA_IF_ID", if_id)]
     return msg
 
 
@@ -855,6 +857,16 @@ class SAState:
     integrity_failed: int = 0
     attrs: dict = field(default_factory=dict)
 
+    def sequence(self, direction: str) -> int:
+        """``out``: the last sequence number sent; ``in``: the highest received (64-bit with
+        ESN; from ``XFRMA_REPLAY_ESN_VAL``, 0 when the kernel did not report it)."""
+        if direction not in ("in", "out"):
+            raise ValueError("direction must be 'in' or 'out'")
+        if not self.esn:
+            return 0
+        key = "oseq" if direction == "out" else "seq"
+        return (self.esn[key + "_hi"] << 32) | self.esn[key]
+
     def counters(self, direction: str) -> dict[str, int]:
         """The kernel's counters under simpletun's names (``SecurityAssociation.stats`` keys).
 
@@ -945,8 +957,12 @@ def add_policy(pol: Policy, *, netns: str | None = None, update: bool = False) -
     _request(build_newpolicy(pol), t, FLAGS_REQ, netns, f"add policy {pol.dir} {pol.selector}")
 
 
-def delete_policy(selector: Selector, dir: str, *, netns: str | None = None) -> None:
-    _request(build_policy_id(selector, dir), XFRM_MSG_DELPOLICY, FLAGS_REQ, netns, "delete policy")
+def delete_policy(
+    selector: Selector, dir: str, *, if_id: int | None = None, netns: str | None = None
+) -> None:
+    _request(
+        build_policy_id(selector, dir, if_id), XFRM_MSG_DELPOLICY, FLAGS_REQ, netns, "delete policy"
+    )
 
 
 @dataclass

@@ -487,3 +487,107 @@ def test_ike_keys_refused_without_ikev2(tmp_path):
     text = f'[interface]\nlisten_port = 4000\nkey_file = "{k}"\n[[peer]]\nidentity = "x"\n'
     with pytest.raises(ConfigError, match='needs key_exchange = "ikev2"'):
         configfile.loads(text, tmp_path / "st0.toml")
+
+
+class FakeKernel:
+    """simpletun.xfrm's SA and policy calls, recorded (this machine's kernel has no ESP)."""
+
+    def __init__(self, monkeypatch):
+        from simpletun import xfrm
+
+        self.sas: dict = {}
+        self.policies: list = []
+        self.log: list = []
+        monkeypatch.setattr(xfrm, "add_sa", self.add_sa)
+        monkeypatch.setattr(xfrm, "delete_sa", self.delete_sa)
+        monkeypatch.setattr(xfrm, "add_policy", lambda p, netns=None: self.policies.append(p))
+        monkeypatch.setattr(xfrm, "delete_policy", self.delete_policy)
+        monkeypatch.setattr(xfrm, "get_sa", self.get_sa)
+
+    def add_sa(self, sa, netns=None):
+        self.log.append(("add", sa.spi, sa.src))
+        self.sas[(sa.dst, sa.spi)] = sa
+
+    def delete_sa(self, dst, spi, src=None, netns=None):
+        self.log.append(("del", spi))
+        del self.sas[(dst, spi)]
+
+    def delete_policy(self, sel, d, if_id=None, netns=None):
+        (p,) = [p for p in self.policies if (p.selector, p.dir, p.if_id) == (sel, d, if_id)]
+        self.policies.remove(p)
+
+    def get_sa(self, dst, spi, src=None, netns=None):
+        from simpletun import xfrm
+
+        sa = self.sas[(dst, spi)]
+        return xfrm.SAState(sa.src, dst, spi, sa.reqid, 1, 2, 0, sa.replay_window, packets=7)
+
+
+def test_ikev2_child_sas_go_to_kernel_sas_and_policies(monkeypatch):
+    """With the kernel data plane (kernel_dp.KernelPlane) the glue's Child SA installs become
+    xfrm SAs (UDP-encapsulated, on the xfrm interface) and policies for the peer's traffic
+    selectors; a rekey adds the new inbound SA before the new outbound one, deletes the old
+    outbound SA at the switch and the old inbound one after the grace period; stop() removes
+    everything."""
+    from simpletun import kernel_dp
+
+    kern = FakeKernel(monkeypatch)
+    a, b, wire, clock = pair()
+
+    class Sock:
+        def sendto(self, data, remote):
+            wire.append((NATT_PORT, remote, data))
+
+    timers: list = []
+
+    class Timer:
+        def __init__(self, secs, fn):
+            self.secs, self.fn = secs, fn
+            timers.append(self)
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    plane = kernel_dp.KernelPlane("192.0.2.1", Sock(), timer=Timer)
+    a = IkeGlue(a.ep, plane, 1, lambda d, r: wire.append((500, r, d)), "192.0.2.1", clock=clock)
+    a.src = "192.0.2.1"
+    a.start(a.ep.peers[0])
+    pump(a, b, wire)
+    st = a.peers["b"]
+    ((spi_in, view),) = st.children.items()
+    inbound = kern.sas[("192.0.2.1", spi_in)]
+    outbound = kern.sas[("192.0.2.2", view.spi_out)]
+    assert (inbound.src, outbound.src) == ("192.0.2.2", "192.0.2.1")
+    for sa in (inbound, outbound):
+        assert sa.if_id == kernel_dp.IF_ID and sa.encap.sport == sa.encap.dport == NATT_PORT
+    assert {(str(p.selector.src), str(p.selector.dst), p.dir) for p in kern.policies} == {
+        ("0.0.0.0/0", "10.2.0.0/24", "out"),
+        ("10.2.0.0/24", "0.0.0.0/0", "in"),
+    }
+    out_pol = next(p for p in kern.policies if p.dir == "out")
+    assert out_pol.templates[0].reqid == outbound.reqid
+    assert kern.log[:2] == [("add", spi_in, "192.0.2.2"), ("add", view.spi_out, "192.0.2.1")]
+    # rekey: new inbound, then new outbound, old outbound deleted at the switch
+    kern.log.clear()
+    a._rekey_out(st.dp_peer, view.spi_out, "test")
+    pump(a, b, wire)
+    ((new_in, new_view),) = st.children.items()
+    assert new_in != spi_in
+    adds = [x for x in kern.log if x[0] == "add"]
+    assert adds == [("add", new_in, "192.0.2.2"), ("add", new_view.spi_out, "192.0.2.1")]
+    assert kern.log.index(("del", view.spi_out)) > kern.log.index(adds[1])
+    assert ("192.0.2.1", spi_in) in kern.sas  # still valid during the grace period ...
+    (t,) = timers
+    assert t.secs > 0
+    t.fn()
+    assert ("192.0.2.1", spi_in) not in kern.sas  # ... then gone
+    status = a.status()[0]
+    assert status["child_sas"][0]["packets_in"] == 7
+    # the peer's totals keep what the deleted SAs carried (7 packets each in the fake)
+    stats = plane.peer_stats(st.dp_peer)
+    assert (stats["tx_packets"], stats["rx_packets"]) == (14, 14)
+    plane.stop()
+    assert kern.sas == {} and kern.policies == []

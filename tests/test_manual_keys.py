@@ -138,3 +138,126 @@ def test_ip_xfrm_commands():
     )
     assert "auth-trunc 'hmac(sha256)' 0x" + "11" * 32 + " 128" in cmds[0]
     assert "flag esn" in cmds[0] and cmds[0].endswith("encap espinudp 4501 4501 0.0.0.0")
+
+
+def test_seq_preset_parsed_and_bounded():
+    text = mk.generate(esn=True, seq=2**32 - 4)
+    k = mk.parse(text)
+    assert k.client_to_server.seq == k.server_to_client.seq == 2**32 - 4
+    out, inn = k.xfrm_sas("client", "192.0.2.1", "192.0.2.2")
+    assert (out.oseq, out.oseq_hi, inn.seq, inn.seq_hi) == (2**32 - 4, 0, 2**32 - 4, 0)
+    tx, rx = k.security_associations("server")
+    assert tx.tx_seq == 2**32 - 4 and rx.rx_highest_seq == 2**32 - 4
+    big = mk.parse(text.replace("seq = 0xfffffffc", "seq = 0x100000005"))
+    o, i = big.xfrm_sas("server", "192.0.2.1", "192.0.2.2")
+    assert (o.oseq, o.oseq_hi, i.seq, i.seq_hi) == (5, 1, 5, 1)
+    assert "replay-oseq 0x5 replay-oseq-hi 0x1" in big.ip_xfrm_commands("server", "a", "b")[0]
+    with pytest.raises(ConfigError, match="needs esn = true"):
+        mk.parse(mk.generate(esn=False, seq=5).replace("seq = 0x5", "seq = 0x100000000"))
+    with pytest.raises(ConfigError, match=r"seq = -1 is out of range"):
+        mk.parse(text.replace("seq = 0xfffffffc", "seq = -1", 1))
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(transport="tcp"), "not tcp"),
+        (dict(key=bytes(32)), "exclude each other"),
+        (dict(dataplane="kernel"), "--peer HOST"),
+        (dict(tap=True, dataplane="kernel", peer="192.0.2.2"), "drop -a"),
+    ],
+)
+def test_manual_keys_bad_combinations_one_line(kw, match):
+    from simpletun.config import Config
+
+    args = dict(server=True, transport="udp", manual_keys="/x", port=4500) | kw
+    with pytest.raises(ConfigError, match=match) as e:
+        Config(**args)
+    assert "\n" not in str(e.value)
+
+
+def test_peer_needs_manual_keys_and_a_server():
+    from simpletun.config import Config
+
+    with pytest.raises(ConfigError, match="--peer is for --manual-keys"):
+        Config(server=True, transport="udp", key=bytes(32), peer="192.0.2.2")
+    with pytest.raises(ConfigError, match="--peer is for a server"):
+        Config(server=False, host="192.0.2.1", transport="udp", manual_keys="/x", peer="x")
+
+
+def test_check_manual_keys_transport_and_port(tmp_path):
+    from simpletun.config import Config, check_manual_keys
+
+    p = tmp_path / "mk.toml"
+    p.write_text(mk.generate(transport="esp-in-udp", port=4600))
+    p.chmod(0o600)
+    c = Config(server=False, host="192.0.2.1", transport="udp", manual_keys=str(p), port=4600)
+    assert check_manual_keys(c).port == 4600
+    with pytest.raises(ConfigError, match="port = 4600"):
+        check_manual_keys(Config(server=False, host="192.0.2.1", transport="udp",
+                                 manual_keys=str(p), port=4500))  # fmt: skip
+    with pytest.raises(ConfigError, match="transport = 'esp-in-udp' but --transport raw"):
+        check_manual_keys(Config(server=False, host="192.0.2.1", transport="raw",
+                                 manual_keys=str(p)))  # fmt: skip
+
+
+def test_cli_manual_keys_bad_combo_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "mk.toml"
+    p.write_text(mk.generate(transport="esp"))
+    p.chmod(0o600)
+    base = [sys.executable, "-m", "simpletun", "-i", "stm0", "--manual-keys", str(p)]
+    for extra, want in (
+        (["-c", "192.0.2.1", "--transport", "udp"], "transport = 'esp'"),
+        (["-c", "192.0.2.1", "--transport", "raw", "--cipher", "aes-256-cbc"], "drop --cipher"),
+        (["-s", "--transport", "tcp"], "not tcp"),
+    ):
+        done = subprocess.run(base + extra, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done
+        assert len(done.stderr.strip().splitlines()) == 1 and want in done.stderr, done.stderr
+
+
+def test_tunnel_file_manual_keys_server_with_fixed_peer(tmp_path):
+    from pathlib import Path
+
+    from simpletun import configfile
+
+    text = """
+[interface]
+address = ["10.9.0.1/24"]
+transport = "raw"
+listen_port = 4500
+manual_keys_file = "mk.toml"
+
+[[peer]]
+endpoint = "192.0.2.7"
+allowed_ips = ["10.9.1.0/24"]
+"""
+    tf = configfile.loads(text, Path(tmp_path / "stm0.toml"))
+    c = tf.config
+    assert c.server and c.peer == "192.0.2.7" and c.manual_keys == str(tmp_path / "mk.toml")
+    assert c.dataplane == "userspace" and c.key is None and c.esp
+    with pytest.raises(configfile.ConfigFileError, match="cipher.*manual_keys_file"):
+        configfile.loads(text.replace("[interface]", '[interface]\ncipher = "aes-256-cbc"'),
+                         Path(tmp_path / "stm0.toml"))  # fmt: skip
+
+
+def test_genkey_manual_writes_a_private_key_file(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "mk.toml"
+    with open(out, "w") as f:
+        done = subprocess.run(
+            [sys.executable, "-m", "simpletun", "genkey", "--manual", "--bits", "128", "--esn",
+             "--transport", "esp"], stdout=f, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out.stat().st_mode & 0o777) == 0o600
+    k = mk.load(str(out))
+    assert (k.esn, k.transport, k.cipher_name) == (True, "esp", "aes-128-cbc")
+    bad = subprocess.run([sys.executable, "-m", "simpletun", "genkey", "--manual", "--bits", "5"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

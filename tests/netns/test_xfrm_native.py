@@ -73,6 +73,21 @@ def test_policies_add_dump_delete(lab, checked):
     checked.append("2 policies added, dumped (ours and ip's view), updated, deleted, flushed")
 
 
+def test_policy_bound_to_an_xfrm_interface_deleted_with_its_if_id(lab):
+    """A policy with XFRMA_IF_ID (what the kernel data plane installs) is only found with its
+    if_id: without it the kernel answers ENOENT (the policies stayed behind before), with it
+    the policy goes; iproute2 agrees."""
+    ns = lab.ns_a
+    pol = xfrm.Policy(OUT.selector, "out", OUT.templates, if_id=0x5354)
+    xfrm.add_policy(pol, netns=ns)
+    with pytest.raises(xfrm.XfrmError) as e:
+        xfrm.delete_policy(pol.selector, "out", netns=ns)
+    assert e.value.code == errno.ENOENT
+    assert "if_id 0x5354" in lab.run(ns, ["ip", "xfrm", "policy"]).stdout.decode()
+    xfrm.delete_policy(pol.selector, "out", if_id=0x5354, netns=ns)
+    assert xfrm.dump_policies(netns=ns) == []
+
+
 def test_selector_matching_counts_out_no_states(lab, checked):
     """A packet matching an outbound policy without SA is dropped and counted by the kernel
     (XfrmOutNoStates); one outside the selector is not."""

@@ -234,6 +234,15 @@ impl SecurityAssociation {
         true
     }
 
+    /// Start the inbound window after `last` (the peer's first packet is `last + 1`), as a
+    /// kernel SA's replay state can be preset; only before any packet was accepted.
+    pub fn skip_rx_seq_to(&mut self, last: u64) -> bool {
+        if last >= self.seq_limit() {
+            return false;
+        }
+        self.window.start_after(last)
+    }
+
     fn seq_limit(&self) -> u64 {
         if self.esn {
             u64::MAX

@@ -111,6 +111,17 @@ impl ReplayWindow {
         (block, 1u64 << (seq % BLOCK_BITS))
     }
 
+    /// Start the window after `last` (nothing received yet): the sender's first packet is
+    /// `last + 1`, what the kernel's `XFRMA_REPLAY_ESN_VAL` `seq`/`seq_hi` preset does (manual
+    /// keying, tests). Only before anything was accepted; returns false otherwise.
+    pub fn start_after(&mut self, last: u64) -> bool {
+        if self.top != 0 {
+            return false;
+        }
+        self.top = last;
+        true
+    }
+
     /// Would `seq` be accepted? Does not change the window.
     pub fn check(&self, seq: u64) -> Result<(), ReplayError> {
         if seq == 0 {
@@ -152,6 +163,18 @@ impl ReplayWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_after_presets_the_top_once() {
+        let mut w = ReplayWindow::new(64).unwrap();
+        assert!(w.start_after((1 << 32) - 4));
+        assert_eq!(w.infer_esn(0xffff_fffd), (1 << 32) - 3);
+        assert!(w.check((1 << 32) - 3).is_ok());
+        assert_eq!(w.check((1 << 32) - 100), Err(ReplayError::TooOld));
+        w.commit((1 << 32) - 3);
+        assert_eq!(w.infer_esn(1), (1 << 32) + 1);
+        assert!(!w.start_after(5));
+    }
 
     #[test]
     fn sizes_are_bounded() {

@@ -198,7 +198,10 @@ impl PyDataPlane {
         Ok(self.dp.endpoint(peer).map_err(dp_error)?.map(py_endpoint))
     }
 
-    #[pyo3(signature = (peer, spi, enc_key, auth_key, *, replay_window=DEFAULT_REPLAY_WINDOW, esn=false))]
+    /// Add an inbound SA. `rx_seq`: the window starts after this sequence number (the
+    /// peer's first packet is `rx_seq + 1`; manual keying's preset, default 0).
+    #[pyo3(signature = (peer, spi, enc_key, auth_key, *, replay_window=DEFAULT_REPLAY_WINDOW, esn=false, rx_seq=0))]
+    #[allow(clippy::too_many_arguments)]
     fn add_inbound_sa(
         &self,
         peer: u32,
@@ -207,16 +210,25 @@ impl PyDataPlane {
         auth_key: &[u8],
         replay_window: u32,
         esn: bool,
+        rx_seq: u64,
     ) -> PyResult<()> {
-        let sa = SecurityAssociation::new(spi, enc_key, auth_key, replay_window, esn)
+        let mut sa = SecurityAssociation::new(spi, enc_key, auth_key, replay_window, esn)
             .map_err(errors::sa_config_error)?;
+        if rx_seq != 0 && !sa.skip_rx_seq_to(rx_seq) {
+            return Err(errors::config_error(format!(
+                "rx_seq {rx_seq} is beyond this SA's sequence numbers (esn={esn})"
+            )));
+        }
         self.dp.add_inbound_sa(peer, sa).map_err(dp_error)
     }
 
-    /// Make this the peer's outbound SA (the previous one is wiped). `soft_packets` /
+    /// Make this the peer's outbound SA (the previous one is wiped). `tx_seq`: the first
+    /// packet carries `tx_seq + 1` (manual keying's preset, default 0). `soft_packets` /
     /// `soft_bytes`: this SA's own soft limits for the "sa_limit" event (at most the data
     /// plane's soft_seq / soft_bytes, which apply when None).
-    #[pyo3(signature = (peer, spi, enc_key, auth_key, *, esn=false, soft_packets=None, soft_bytes=None))]
+    #[pyo3(signature = (
+        peer, spi, enc_key, auth_key, *, esn=false, tx_seq=0, soft_packets=None, soft_bytes=None
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn set_outbound_sa(
         &self,
@@ -225,11 +237,13 @@ impl PyDataPlane {
         enc_key: &[u8],
         auth_key: &[u8],
         esn: bool,
+        tx_seq: u64,
         soft_packets: Option<u64>,
         soft_bytes: Option<u64>,
     ) -> PyResult<()> {
-        let sa = SecurityAssociation::new(spi, enc_key, auth_key, DEFAULT_REPLAY_WINDOW, esn)
+        let mut sa = SecurityAssociation::new(spi, enc_key, auth_key, DEFAULT_REPLAY_WINDOW, esn)
             .map_err(errors::sa_config_error)?;
+        sa.skip_tx_seq_to(tx_seq);
         self.dp
             .set_outbound_sa_with_limits(peer, Some(sa), soft_packets, soft_bytes)
             .map_err(dp_error)

@@ -130,6 +130,19 @@ impl PySa {
         }
     }
 
+    /// Testing/manual-keying aid: the inbound window starts after `last` (nothing received
+    /// yet).
+    fn _skip_rx_seq_to(&mut self, last: u64) -> PyResult<()> {
+        if self.sa.skip_rx_seq_to(last) {
+            Ok(())
+        } else {
+            Err(errors::config_error(format!(
+                "the inbound window can only be preset before the first packet and below the \
+                 sequence-number limit (asked {last})"
+            )))
+        }
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "SecurityAssociation(spi={:#010x}, aes={}, esn={}, replay_window={}, tx_seq={})",
