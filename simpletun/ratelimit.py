@@ -9,7 +9,8 @@ dropped::
     simpletun: ... 5123 similar messages suppressed in the last 10 s: handshake with %s failed: %s
 
 Records at ERROR and above are limited the same way (an attacker can make errors too), but each
-kind's first record always passes.
+kind's first record always passes. :class:`SourceLimiter` adds a per-source-address limit that
+code asks before logging an event unauthenticated input can trigger (the IKE endpoint does).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+
+_log = logging.getLogger("simpletun")
 
 DEFAULT_WINDOW = 10.0
 DEFAULT_BURST = 20
@@ -97,3 +100,38 @@ class RateLimitFilter(logging.Filter):
                 self.handler.handle(record)
             finally:
                 self._emitting_summary = False
+
+
+class SourceLimiter:
+    """Per source (the IKE endpoint's): at most ``burst`` log lines per source address per
+    ``period`` seconds for events that unauthenticated input can trigger, decided by the caller
+    with :meth:`allow` before it logs; memory bounded by ``max_sources``. The handler-wide
+    :class:`RateLimitFilter` still applies to what passes."""
+
+    def __init__(
+        self,
+        burst: int = 5,
+        period: float = 60.0,
+        max_sources: int = 4096,
+        logger: logging.Logger | None = None,
+    ):
+        self.burst, self.period, self.max_sources = burst, period, max_sources
+        self.log = logger or _log
+        self._seen: dict[str, tuple[float, int]] = {}
+        self.suppressed = 0
+
+    def allow(self, source: str, now: float) -> bool:
+        start, n = self._seen.get(source, (now, 0))
+        if now - start >= self.period:
+            start, n = now, 0
+        if n >= self.burst:
+            self.suppressed += 1
+            return False
+        if len(self._seen) >= self.max_sources and source not in self._seen:
+            self._seen.clear()
+        self._seen[source] = (start, n + 1)
+        if n + 1 == self.burst:
+            self.log.info(
+                "further such messages from %s suppressed for %.0f s", source, self.period
+            )
+        return True

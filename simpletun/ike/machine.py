@@ -38,6 +38,7 @@ from simpletun.ike import const as c
 from simpletun.ike import crypto as cr
 from simpletun.ike import message as m
 from simpletun.ike import ts as tsmod
+from simpletun.ratelimit import SourceLimiter
 
 log = logging.getLogger("simpletun.ike")
 
@@ -418,30 +419,6 @@ def select_esp(proposals: list[m.Proposal], suites, with_dh: bool):
 # ------------------------------------------------------------------------------ endpoint
 
 
-class LogLimiter:
-    """At most ``burst`` log lines per source address per ``period`` seconds for events that
-    unauthenticated input can trigger; memory bounded by ``max_sources``."""
-
-    def __init__(self, burst: int = 5, period: float = 60.0, max_sources: int = 4096):
-        self.burst, self.period, self.max_sources = burst, period, max_sources
-        self._seen: dict[str, tuple[float, int]] = {}
-        self.suppressed = 0
-
-    def allow(self, source: str, now: float) -> bool:
-        start, n = self._seen.get(source, (now, 0))
-        if now - start >= self.period:
-            start, n = now, 0
-        if n >= self.burst:
-            self.suppressed += 1
-            return False
-        if len(self._seen) >= self.max_sources and source not in self._seen:
-            self._seen.clear()
-        self._seen[source] = (start, n + 1)
-        if n + 1 == self.burst:
-            log.info("further such messages from %s suppressed for %.0f s", source, self.period)
-        return True
-
-
 class Endpoint:
     def __init__(
         self,
@@ -470,7 +447,7 @@ class Endpoint:
         # peer's own port (RFC 8229 TCP encapsulation: one stream, no port 500)
         self.natt_from_start = natt_from_start
         self.now = 0.0  # time of the call being handled
-        self._log_limit = LogLimiter()
+        self._log_limit = SourceLimiter(logger=log)
         self.sas: dict[bytes, IkeSa] = {}
         self.by_init: dict[tuple[bytes, tuple], bytes] = {}  # (SPIi, remote) -> our SPI
         self.half_open = 0
