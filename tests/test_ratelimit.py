@@ -3,7 +3,7 @@ summarises them when the window ends; memory stays bounded whatever the template
 
 import logging
 
-from simpletun.ratelimit import RateLimitFilter
+from simpletun.ratelimit import RateLimitFilter, SourceLimiter
 
 
 class Clock:
@@ -80,3 +80,20 @@ def test_memory_is_bounded_by_max_kinds():
         rec = logging.LogRecord("x", logging.INFO, __file__, 0, f"template {i}", (), None)
         limiter.filter(rec)
     assert len(limiter._kinds) <= 16
+
+
+def test_source_limiter_per_source_burst_period_and_bounded_memory(caplog):
+    lim = SourceLimiter(burst=2, period=60.0, max_sources=3)
+    with caplog.at_level(logging.INFO, logger="simpletun"):
+        got = [lim.allow("192.0.2.1", 0.0) for _ in range(4)]
+    assert got == [True, True, False, False]
+    assert lim.suppressed == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "further such messages from 192.0.2.1 suppressed for 60 s"
+    ]
+    assert lim.allow("192.0.2.2", 1.0), "another source has its own burst"
+    assert not lim.allow("192.0.2.1", 59.0)
+    assert lim.allow("192.0.2.1", 60.0), "a new period starts"
+    for i in range(100):  # many sources: memory stays bounded
+        lim.allow(f"198.51.100.{i}", 61.0)
+    assert len(lim._seen) <= 3
