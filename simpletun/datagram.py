@@ -568,17 +568,7 @@ async def serve(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunnel=
             a.result.rx.spi,
         )
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_events, plane.dp, on_event)
-            nursery.start_soon(_watch_done, plane.dp)
-            task_status.started(tunnel)
-    except BaseExceptionGroup as g:
-        raise _unwrap(g) from None
-    finally:
-        if tunnel.session is not None:
-            log.debug("%s", tunnel.session.counters_line())
-        await trio.to_thread.run_sync(plane.close)
+    await _serve_plane(plane, on_event, tunnel, task_status)
 
 
 async def connect(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunnel=None) -> None:
@@ -775,6 +765,12 @@ async def manual(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunnel
             return  # no handshake with manual keys: control datagrams are ignored
         log.debug("data plane event %s", ev)
 
+    await _serve_plane(plane, on_event, tunnel, task_status)
+
+
+async def _serve_plane(plane, on_event, tunnel, task_status) -> None:
+    """Run a server plane until cancelled or it ends: its events to ``on_event``; on the way
+    out the session's counters are logged and the plane closed."""
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_events, plane.dp, on_event)

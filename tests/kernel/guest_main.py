@@ -41,6 +41,7 @@ from .scenarios import (
     Scenario,
     esp_offset,
     forge,
+    recv_exact,
     replay,
 )
 
@@ -108,24 +109,14 @@ def serve_host_transfer(sc: Scenario, out: dict, ready: threading.Event) -> None
             c, _ = srv.accept()
         with c:
             c.settimeout(60)
-            (n,) = struct.unpack("!I", _recv_exact(c, 4))
-            data = _recv_exact(c, n)
+            (n,) = struct.unpack("!I", recv_exact(c, 4))
+            data = recv_exact(c, n)
             out["sha256"] = hashlib.sha256(data).hexdigest()
             out["bytes"] = len(data)
             c.sendall(data)
     except Exception as e:
         out["error"] = f"{type(e).__name__}: {e}"
         ready.set()
-
-
-def _recv_exact(c: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = c.recv(min(65536, n - len(buf)))
-        if not chunk:
-            raise ConnectionError(f"short read ({len(buf)} of {n} bytes)")
-        buf += chunk
-    return bytes(buf)
 
 
 def transfer(sc: Scenario) -> dict:
@@ -135,7 +126,7 @@ def transfer(sc: Scenario) -> dict:
     )
     with c:
         c.sendall(struct.pack("!I", len(data)) + data)
-        got = _recv_exact(c, len(data))
+        got = recv_exact(c, len(data))
     return {
         "sent_sha256": hashlib.sha256(data).hexdigest(),
         "echoed_sha256": hashlib.sha256(got).hexdigest(),
@@ -223,19 +214,8 @@ def run_scenario(sc: Scenario, nic: str, keys_dir: str) -> dict:
         res["dumped_policies"] = len(xfrm.dump_policies())
     finally:
         cap.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            res["exit_rc"] = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            res["exit_rc"] = proc.wait()
-    res["left_after_exit"] = len(xfrm.dump_sas()) + len(xfrm.dump_policies())
-    res["interface_left"] = (
-        subprocess.run(["ip", "link", "show", sc.guest_ifname], capture_output=True).returncode == 0
-    )
-    res["tunnel_log"] = tunnel_log(sc)
-    res["seconds"] = round(time.monotonic() - t0, 1)
-    return res
+        _stop(proc, res)
+    return _after_exit(res, sc, t0)
 
 
 def run_ike_scenario(sc: Scenario, nic: str, keys_dir: str) -> dict:
@@ -312,12 +292,22 @@ def run_ike_scenario(sc: Scenario, nic: str, keys_dir: str) -> dict:
             "xfrm" if " xfrm " in sh("ip", "-d", "link", "show", sc.guest_ifname) else "?"
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            res["exit_rc"] = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            res["exit_rc"] = proc.wait()
+        _stop(proc, res)
+    return _after_exit(res, sc, t0)
+
+
+def _stop(proc: subprocess.Popen, res: dict) -> None:
+    """SIGTERM the tunnel process (what `simpletun down` does) and record its exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        res["exit_rc"] = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        res["exit_rc"] = proc.wait()
+
+
+def _after_exit(res: dict, sc, t0: float) -> dict:
+    """What the tunnel left behind in the guest kernel after it exited, and its log."""
     res["left_after_exit"] = len(xfrm.dump_sas()) + len(xfrm.dump_policies())
     res["interface_left"] = (
         subprocess.run(["ip", "link", "show", sc.guest_ifname], capture_output=True).returncode == 0

@@ -47,6 +47,7 @@ from .scenarios import (
     TRANSFER_BYTES,
     esp_offset,
     forge,
+    recv_exact,
     replay,
 )
 
@@ -194,24 +195,14 @@ class Echo:
     def _echo(self, c: socket.socket) -> None:
         with c:
             c.settimeout(60)
-            (n,) = struct.unpack("!I", _recv_exact(c, 4))
-            data = _recv_exact(c, n)
+            (n,) = struct.unpack("!I", recv_exact(c, 4))
+            data = recv_exact(c, n)
             self.sha256.append(hashlib.sha256(data).hexdigest())
             c.sendall(data)
 
     def close(self) -> None:
         for srv in self.servers:
             srv.close()
-
-
-def _recv_exact(c: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = c.recv(min(65536, n - len(buf)))
-        if not chunk:
-            raise ConnectionError(f"short read ({len(buf)} of {n} bytes)")
-        buf += chunk
-    return bytes(buf)
 
 
 def host_initiated(ns: str, n: int) -> dict:
@@ -240,7 +231,7 @@ def host_initiated(ns: str, n: int) -> dict:
             c.bind((sc.host_inner, 0))
             c.connect((sc.guest_inner, GUEST_ECHO_PORT))
             c.sendall(struct.pack("!I", len(data)) + data)
-            got = _recv_exact(c, len(data))
+            got = recv_exact(c, len(data))
         res["sent_sha256"] = hashlib.sha256(data).hexdigest()
         res["echoed_sha256"] = hashlib.sha256(got).hexdigest()
     except OSError as e:

@@ -18,6 +18,7 @@ own SPI pair and keys.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 HOST_OUTER = "10.99.0.1"
@@ -241,3 +242,14 @@ def forge(frame: bytes, off: int) -> bytes:
     if forged[23] == 17:
         struct.pack_into("!H", forged, off - 2, 0)  # no UDP checksum (as the kernel sends)
     return bytes(forged)
+
+
+def recv_exact(c: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from a stream socket (the transfers' framing, both sides)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = c.recv(min(65536, n - len(buf)))
+        if not chunk:
+            raise ConnectionError(f"short read ({len(buf)} of {n} bytes)")
+        buf += chunk
+    return bytes(buf)
