@@ -412,6 +412,32 @@ def _report(tunnel) -> None:
         log.info("no session; %d session(s) so far", tunnel.sessions if tunnel else 0)
     else:
         log.info("%s (up %.1f s, %s)", sess.counters_line(), sess.duration, sess.describe())
+    dp = getattr(tunnel, "dp", None)
+    if dp is not None:
+        log.info("data plane: %s", io_line(dp.stats, getattr(tunnel.device, "offloads", None)))
+
+
+IO_COUNTERS = (
+    "dev_reads",
+    "dev_read_bytes",
+    "dev_read_super",
+    "dev_writes",
+    "dev_write_bytes",
+    "dev_write_super",
+    "wire_tx_packets",
+    "wire_tx_bytes",
+    "wire_rx_packets",
+    "wire_rx_bytes",
+)
+
+
+def io_line(stats: dict, offloads: str | None) -> str:
+    """The device and wire counters of a data plane (what offloads change) and its nonzero
+    drops, as key=value pairs; ``scripts/bench_tunnel.py`` parses this line."""
+    parts = [f"offloads={offloads or 'off'}"]
+    parts += [f"{k}={stats.get(k, 0)}" for k in IO_COUNTERS]
+    parts += [f"{k}={v}" for k, v in stats.items() if k.startswith("drop_") and v]
+    return " ".join(parts)
 
 
 async def _run(start, limiter: RateLimitFilter | None = None, reload=None) -> int:

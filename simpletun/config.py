@@ -8,6 +8,7 @@ sees (the CLI turns it into exit status 2).
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 
 from simpletun import handshake
@@ -255,6 +256,18 @@ class Config:
     def esp(self) -> bool:
         """Encrypted (ESP): a handshake key, a manual key file or IKEv2; else plaintext."""
         return self.key is not None or self.manual_keys is not None or self.ike is not None
+
+    @property
+    def tun_offloads(self) -> bool:
+        """Open the TUN device with offloads (vnet headers, TSO/USO super-packets split and
+        coalesced by the userspace data plane): for the datagram transports, unless
+        SIMPLETUN_OFFLOADS=0 is in the environment (for comparisons)."""
+        return (
+            self.transport in ("udp", "raw")
+            and self.dataplane == "userspace"
+            and not self.tap
+            and os.environ.get("SIMPLETUN_OFFLOADS", "1") != "0"
+        )
 
     @property
     def max_frame(self) -> int:

@@ -42,6 +42,8 @@ class Device:
     routes: tuple[Network, ...] = ()  # as installed: a default route is split in two halves
     routes_added: list[Network] = field(default_factory=list)
     pinned: list[dict] = field(default_factory=list)  # host routes to the peer, kept outside
+    # TUN offloads (IFF_VNET_HDR) the kernel accepted, e.g. "csum+tso+uso"; None: not asked
+    offloads: str | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -335,13 +337,21 @@ def open_device(
     mtu: int = 1500,
     addresses: tuple[Address, ...] = (),
     routes: tuple[Network, ...] = (),
+    offload: bool = False,
 ) -> Device:
-    """Open (creating if needed) and configure the device; DeviceError if either fails."""
-    from simpletun._core import open_tun
+    """Open (creating if needed) and configure the device; DeviceError if either fails.
+    ``offload`` (TUN only, for the userspace data plane on datagram transports): open it with
+    vnet headers and TSO/USO so that reads and writes move super-packets of up to 64 KiB."""
+    from simpletun._core import open_tun, open_tun_offload
 
     routes = expand_routes(routes)
+    offloads = None
     try:
-        fd, name, created = open_tun(ifname, tap)
+        if offload and not tap:
+            fd, name, created, offloads = open_tun_offload(ifname)
+            _log_offloads(offloads)
+        else:
+            fd, name, created = open_tun(ifname, tap)
     except DeviceError:
         raise
     except OSError as e:
@@ -366,7 +376,21 @@ def open_device(
         addresses=addresses,
         routes=routes,
         routes_added=done.routes,
+        offloads=offloads,
     )
+
+
+_FULL_OFFLOADS = "csum+tso+uso"
+_offloads_logged = False
+
+
+def _log_offloads(accepted: str) -> None:
+    """Say once per process when the kernel refused some TUN offload (the tunnel works, with
+    more per-packet work: USO needs Linux 6.2)."""
+    global _offloads_logged
+    if accepted != _FULL_OFFLOADS and not _offloads_logged:
+        _offloads_logged = True
+        log.info("TUN offloads: the kernel accepted %s of %s", accepted, _FULL_OFFLOADS)
 
 
 def repair_device(dev: Device) -> None:
@@ -383,7 +407,12 @@ def reopen_device(dev: Device) -> Device:
         os.close(dev.fd)
         dev.fd = -1
     new = open_device(
-        dev.name, tap=dev.tap, mtu=dev.mtu, addresses=dev.addresses, routes=dev.routes
+        dev.name,
+        tap=dev.tap,
+        mtu=dev.mtu,
+        addresses=dev.addresses,
+        routes=dev.routes,
+        offload=dev.offloads is not None,
     )
     new.created = new.created or dev.created
     new.pinned = dev.pinned

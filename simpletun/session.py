@@ -611,6 +611,7 @@ def _open(config: Config):
             mtu=config.mtu,
             addresses=config.addresses,
             routes=config.routes,
+            offload=config.tun_offloads,
         )
     except BaseException:
         for pin in pinned:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,23 @@ def session_counters(log: str) -> list[dict[str, int]]:
             if v.isdigit():
                 d[k] = int(v)
         out.append(d)
+    return out
+
+
+_IO_RX = re.compile(r"data plane: (offloads=.*)$", re.M)
+
+
+def io_counters(proc: Proc, timeout: float = 10.0) -> dict:
+    """The data-plane device and wire counters of a running tunnel end: SIGUSR1 makes it log
+    ``data plane: offloads=... dev_reads=N ...`` (``cli.io_line``), parsed here; ``offloads``
+    stays a string."""
+    since = len(proc.stderr())
+    proc.send_signal(signal.SIGUSR1)
+    m = proc.wait_for_output(_IO_RX.pattern, timeout, since=since)
+    out: dict = {}
+    for kv in m.group(1).split():
+        k, _, v = kv.partition("=")
+        out[k] = int(v) if v.isdigit() else v
     return out
 
 

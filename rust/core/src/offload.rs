@@ -391,8 +391,31 @@ pub fn split<B: AsMut<[u8]>>(
     offset: usize,
     lens: &mut [usize],
 ) -> Result<usize, OffloadDrop> {
+    let (n, total) = split_from(hdr, pkt, 0, outs, offset, lens)?;
+    if n < total {
+        return Err(OffloadDrop::TooManySegments);
+    }
+    Ok(n)
+}
+
+/// [`split`] in parts, for callers with fewer buffers than a super-packet has segments:
+/// writes segments `first..` (as many as `outs` and `lens` hold) to `outs[0..]` and returns
+/// `(written, total segments)`. Segment `first + i` is the same packet `split` would make.
+/// Refuses `first` beyond the last segment (`TooManySegments`) and, like `split`, writes
+/// nothing for a refused packet.
+pub fn split_from<B: AsMut<[u8]>>(
+    hdr: &VnetHdr,
+    pkt: &[u8],
+    first: usize,
+    outs: &mut [B],
+    offset: usize,
+    lens: &mut [usize],
+) -> Result<(usize, usize), OffloadDrop> {
     let cap = outs.len().min(lens.len());
     if !hdr.is_gso() {
+        if first != 0 {
+            return Err(OffloadDrop::TooManySegments);
+        }
         if cap == 0 {
             return Err(OffloadDrop::TooManySegments);
         }
@@ -412,17 +435,19 @@ pub fn split<B: AsMut<[u8]>>(
             complete_checksum(seg, hdr.csum_start, hdr.csum_offset)?;
         }
         lens[0] = pkt.len();
-        return Ok(1);
+        return Ok((1, 1));
     }
 
     let l = gso_layout(hdr, pkt)?;
     let gso = hdr.gso_size as usize;
     let payload = pkt.len() - l.hl;
     let nseg = payload.div_ceil(gso);
-    if nseg > cap {
+    if first >= nseg || cap == 0 {
         return Err(OffloadDrop::TooManySegments);
     }
-    for (i, out) in outs[..nseg].iter_mut().enumerate() {
+    let count = cap.min(nseg - first);
+    for (j, out) in outs[..count].iter_mut().enumerate() {
+        let i = first + j;
         let seg = gso.min(payload - i * gso);
         if out.as_mut().len() < offset.saturating_add(l.hl + seg) {
             return Err(OffloadDrop::BufferTooSmall);
@@ -434,11 +459,12 @@ pub fn split<B: AsMut<[u8]>>(
     let id0 = if l.v6 { 0 } else { be16(pkt, 4) };
     let seq0 = if l.udp { 0 } else { be32(pkt, iph + 4) };
     let flags0 = if l.udp { 0 } else { pkt[iph + 13] };
-    for i in 0..nseg {
+    for j in 0..count {
+        let i = first + j;
         let start = l.hl + i * gso;
         let end = (start + gso).min(pkt.len());
         let total = l.hl + (end - start);
-        let out = &mut outs[i].as_mut()[offset..offset + total];
+        let out = &mut outs[j].as_mut()[offset..offset + total];
         out[..l.hl].copy_from_slice(&pkt[..l.hl]);
         out[l.hl..].copy_from_slice(&pkt[start..end]);
         if l.v6 {
@@ -470,9 +496,9 @@ pub fn split<B: AsMut<[u8]>>(
         let at = iph + if l.udp { 6 } else { 16 };
         let c = !fold(sum16(&out[iph..], pseudo_sum(out, l.v6, proto, tlen)));
         put_be16(out, at, if l.udp && c == 0 { 0xffff } else { c });
-        lens[i] = total;
+        lens[j] = total;
     }
-    Ok(nseg)
+    Ok((count, nseg))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -627,6 +653,8 @@ pub struct Gro {
     out: Vec<GroOut>,
     /// Length of the IP packet in each slot.
     slot_len: Vec<usize>,
+    /// Input index of the first segment merged into each slot.
+    slot_head: Vec<usize>,
 }
 
 #[derive(Clone, Copy)]
@@ -655,12 +683,19 @@ impl Gro {
             order: Vec::with_capacity(64),
             out: Vec::with_capacity(64),
             slot_len: vec![0; slots],
+            slot_head: vec![0; slots],
         }
     }
 
     /// The merged packet in `slot`, vnet header first (valid until the next `coalesce`).
     pub fn merged(&self, slot: usize) -> &[u8] {
         &self.slots[slot][..self.hdr_sz + self.slot_len[slot]]
+    }
+
+    /// The input index of the first segment merged into `slot` (valid until the next
+    /// `coalesce`): the merged packet's segments are that input and later ones of its flow.
+    pub fn head(&self, slot: usize) -> usize {
+        self.slot_head[slot]
     }
 
     fn close(&mut self, key: &FlowKey) {
@@ -835,6 +870,7 @@ impl Gro {
             pkt[it.iph + 13] |= TCP_PSH;
         }
         self.slot_len[slot] = it.len;
+        self.slot_head[slot] = it.head;
         let tlen = it.len - it.iph;
         let ps = fold(pseudo_sum(pkt, v6, PROTO_TCP, tlen));
         put_be16(pkt, it.iph + 16, ps);

@@ -39,7 +39,75 @@ pub struct Tun {
     name: String,
     kind: Kind,
     created: bool,
+    offloads: Option<Offloads>,
 }
+
+/// What a TUN device opened with [`open_offload`] accepted from `TUNSETOFFLOAD`: every read
+/// and write then starts with a `virtio_net_hdr` ([`crate::offload`]), and the kernel hands
+/// over TCP (`tso`) / UDP (`uso`) super-packets of up to 64 KiB and packets whose transport
+/// checksum is left to us (`csum`) as far as these allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Offloads {
+    pub csum: bool,
+    pub tso: bool,
+    pub uso: bool,
+}
+
+impl fmt::Display for Offloads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let on: Vec<&str> = [(self.csum, "csum"), (self.tso, "tso"), (self.uso, "uso")]
+            .iter()
+            .filter(|(b, _)| *b)
+            .map(|(_, n)| *n)
+            .collect();
+        if on.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&on.join("+"))
+        }
+    }
+}
+
+/// `TUNSETOFFLOAD` sets tried in turn, most first: kernels before 6.2 refuse USO (EINVAL).
+const OFFLOAD_SETS: [(libc::c_uint, Offloads); 4] = [
+    (
+        libc::TUN_F_CSUM
+            | libc::TUN_F_TSO4
+            | libc::TUN_F_TSO6
+            | libc::TUN_F_TSO_ECN
+            | libc::TUN_F_USO4
+            | libc::TUN_F_USO6,
+        Offloads {
+            csum: true,
+            tso: true,
+            uso: true,
+        },
+    ),
+    (
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN,
+        Offloads {
+            csum: true,
+            tso: true,
+            uso: false,
+        },
+    ),
+    (
+        libc::TUN_F_CSUM,
+        Offloads {
+            csum: true,
+            tso: false,
+            uso: false,
+        },
+    ),
+    (
+        0,
+        Offloads {
+            csum: false,
+            tso: false,
+            uso: false,
+        },
+    ),
+];
 
 impl Tun {
     /// The interface name the kernel gave the device (resolves patterns such as `tun%d`).
@@ -54,6 +122,12 @@ impl Tun {
     /// True when the device did not exist before [`open`]: this descriptor created it.
     pub fn created(&self) -> bool {
         self.created
+    }
+
+    /// The offloads in use when opened with [`open_offload`] (reads and writes then carry a
+    /// vnet header, even if the kernel refused every offload); `None` otherwise.
+    pub fn offloads(&self) -> Option<Offloads> {
+        self.offloads
     }
 }
 
@@ -84,6 +158,16 @@ impl From<Tun> for OwnedFd {
 /// Open (creating if needed) the TUN or TAP device `name`. An empty name or one containing
 /// `%d` lets the kernel choose (e.g. `tun%d` → `tun0`).
 pub fn open(name: &str, kind: Kind) -> io::Result<Tun> {
+    open_flags(name, kind, false)
+}
+
+/// Open (creating if needed) the TUN device `name` with `IFF_VNET_HDR` and as many offloads
+/// as the kernel accepts (see [`Tun::offloads`]). For TAP devices this is [`open`].
+pub fn open_offload(name: &str, kind: Kind) -> io::Result<Tun> {
+    open_flags(name, kind, kind == Kind::Tun)
+}
+
+fn open_flags(name: &str, kind: Kind, vnet: bool) -> io::Result<Tun> {
     check_name(name)?;
     let existed = !name.is_empty() && !name.contains('%') && interface_exists(name);
     let file = OpenOptions::new()
@@ -103,19 +187,54 @@ pub fn open(name: &str, kind: Kind) -> io::Result<Tun> {
         Kind::Tun => libc::IFF_TUN,
         Kind::Tap => libc::IFF_TAP,
     };
-    ifr.ifr_ifru.ifru_flags = (mode | libc::IFF_NO_PI) as libc::c_short;
+    let vnet_flag = if vnet { libc::IFF_VNET_HDR } else { 0 };
+    ifr.ifr_ifru.ifru_flags = (mode | libc::IFF_NO_PI | vnet_flag) as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
         return Err(attach_error(io::Error::last_os_error(), name, kind));
     }
     // SAFETY: the kernel NUL-terminates the name it writes back (at most IFNAMSIZ - 1 bytes).
     let actual = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) };
+    let offloads = vnet.then(|| set_offloads(fd.as_raw_fd()));
     Ok(Tun {
         fd,
         name: actual.to_string_lossy().into_owned(),
         kind,
         created: !existed,
+        offloads,
     })
+}
+
+/// Ask for the largest offload set the kernel accepts (the last, none, always is).
+fn set_offloads(fd: RawFd) -> Offloads {
+    for (flags, o) in OFFLOAD_SETS {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, flags as libc::c_ulong) } == 0 {
+            return o;
+        }
+    }
+    Offloads::default()
+}
+
+/// The vnet header size of the TUN descriptor `fd` if it was opened with `IFF_VNET_HDR`,
+/// else `None` (also for descriptors that are no TUN device).
+pub fn vnet_hdr_len(fd: RawFd) -> Option<usize> {
+    // SAFETY: ifreq is plain old data; TUNGETIFF writes one, which outlives the call.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut ifr) } < 0 {
+        return None;
+    }
+    // SAFETY: TUNGETIFF set the flags member.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags } as libc::c_int;
+    if flags & libc::IFF_VNET_HDR == 0 {
+        return None;
+    }
+    let mut sz: libc::c_int = 0;
+    // SAFETY: TUNGETVNETHDRSZ writes one int.
+    if unsafe { libc::ioctl(fd, libc::TUNGETVNETHDRSZ, &mut sz) } < 0 {
+        return None;
+    }
+    usize::try_from(sz).ok()
 }
 
 /// The kernel's `dev_valid_name` rules, checked here to give a clear message.

@@ -1,4 +1,5 @@
-//! `VnetHdr::parse` + `offload::split` on fuzzed headers and packets: raw bytes, or a
+//! `VnetHdr::parse` + `offload::split` (and `split_from` in parts, which must make the same
+//! segments) on fuzzed headers and packets: raw bytes, or a
 //! well-formed TSO/USO super-packet (IPv4/IPv6, TCP options, flags) whose vnet header and IP/TCP
 //! header bytes are then lied about (hdr_len, gso_size, csum_start/offset, gso_type, lengths,
 //! truncation). Must never panic; whatever it accepts must come out as valid segments checked
@@ -10,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use simpletun_core::offload::{
-    split, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, TCP_CWR, TCP_FIN,
+    split, split_from, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, TCP_CWR, TCP_FIN,
     TCP_PSH, VNET_HDR_LEN,
 };
 use simpletun_fuzz::net::{self, ip_info, slow_csum};
@@ -45,6 +46,21 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(k >= 1 && k <= nbufs);
     let segs: Vec<&[u8]> = (0..k).map(|i| &outs[i][OFFSET..OFFSET + lens[i]]).collect();
+    // split_from in parts of 1-4 buffers (as the data plane calls it) makes the same segments.
+    let part = 1 + (mode >> 3) as usize % 4;
+    let mut pouts = vec![vec![0u8; bufsz]; part];
+    let mut plens = vec![0usize; part];
+    let mut done = 0;
+    while done < k {
+        let (n, total) = split_from(&hdr, &pkt, done, &mut pouts, OFFSET, &mut plens)
+            .expect("split_from refuses what split accepted");
+        assert_eq!(total, k);
+        assert!(n >= 1 && n <= part);
+        for i in 0..n {
+            assert_eq!(&pouts[i][OFFSET..OFFSET + plens[i]], segs[done + i]);
+        }
+        done += n;
+    }
     if !hdr.is_gso() {
         assert_eq!(k, 1);
         assert_eq!(segs[0].len(), pkt.len());

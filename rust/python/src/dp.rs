@@ -358,7 +358,16 @@ impl PyDataPlane {
         for (k, v) in self.dp.totals().entries() {
             d.set_item(k, v)?;
         }
+        for (k, v) in self.dp.io().entries() {
+            d.set_item(k, v)?;
+        }
         Ok(d)
+    }
+
+    /// Size of the vnet header on the device's packets (0: no TUN offloads).
+    #[getter]
+    fn vnet_hdr_len(&self) -> usize {
+        self.dp.vnet_hdr_len()
     }
 
     fn peer_stats<'py>(&self, py: Python<'py>, peer: u32) -> PyResult<Bound<'py, PyDict>> {

@@ -21,6 +21,22 @@ fn open_tun(py: Python<'_>, name: &str, tap: bool) -> PyResult<(i32, String, boo
     Ok((t.into_raw_fd(), actual, created))
 }
 
+/// Open (creating if needed) a TUN device with `IFF_VNET_HDR` and the offloads the kernel
+/// accepts: `(fd, actual_name, created, offloads)`, offloads naming what was accepted
+/// ("csum+tso+uso", "csum+tso", ..., "none"). The data plane started on this descriptor splits
+/// and coalesces super-packets; nothing else may read or write it (every packet carries a
+/// vnet header).
+#[pyfunction]
+fn open_tun_offload(py: Python<'_>, name: &str) -> PyResult<(i32, String, bool, String)> {
+    let t = py
+        .detach(|| tun::open_offload(name, Kind::Tun))
+        .map_err(|e| errors::device_error(e.to_string()))?;
+    let (actual, created) = (t.name().to_owned(), t.created());
+    let offloads = t.offloads().unwrap_or_default().to_string();
+    Ok((t.into_raw_fd(), actual, created, offloads))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(open_tun, m)?)
+    m.add_function(wrap_pyfunction!(open_tun, m)?)?;
+    m.add_function(wrap_pyfunction!(open_tun_offload, m)?)
 }

@@ -26,12 +26,15 @@ pub enum Drop {
     SendFailed,
     /// Inbound plaintext frame from a connection no peer uses.
     NoPeer,
+    /// Outbound: a read from a vnet-header TUN device whose `virtio_net_hdr` or super-packet
+    /// headers are malformed ([`crate::offload::OffloadDrop`]).
+    BadVnet,
 }
 
-pub const DROP_KINDS: usize = DropReason::ALL.len() + 8;
+pub const DROP_KINDS: usize = DropReason::ALL.len() + 9;
 
 impl Drop {
-    pub const EXTRA: [Drop; 8] = [
+    pub const EXTRA: [Drop; 9] = [
         Drop::NoRoute,
         Drop::NoSa,
         Drop::NoEndpoint,
@@ -40,6 +43,7 @@ impl Drop {
         Drop::Truncated,
         Drop::SendFailed,
         Drop::NoPeer,
+        Drop::BadVnet,
     ];
 
     pub fn all() -> impl Iterator<Item = Drop> {
@@ -60,6 +64,7 @@ impl Drop {
             Drop::Truncated => "truncated",
             Drop::SendFailed => "send_failed",
             Drop::NoPeer => "no_peer",
+            Drop::BadVnet => "bad_vnet",
         }
     }
 
@@ -149,5 +154,44 @@ impl Traffic {
             .into_iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v)
+    }
+}
+
+/// System-call level counters of the data plane (device totals only): how many bytes each
+/// device read and write and each wire datagram moves, the figures offloads change.
+#[derive(Default)]
+#[repr(align(64))]
+pub struct Io {
+    /// Reads from the device and the bytes they returned (vnet headers not counted).
+    pub dev_reads: AtomicU64,
+    pub dev_read_bytes: AtomicU64,
+    /// Writes to the device (a coalesced super-packet is one) and their bytes.
+    pub dev_writes: AtomicU64,
+    pub dev_write_bytes: AtomicU64,
+    /// Datagrams sent and received on the transports (each segment of a UDP GSO send or
+    /// GRO receive is one).
+    pub wire_tx_packets: AtomicU64,
+    pub wire_rx_packets: AtomicU64,
+    /// Super-packets read from the device (more than one segment).
+    pub dev_read_super: AtomicU64,
+    /// Super-packets written to the device (coalesced from more than one segment).
+    pub dev_write_super: AtomicU64,
+}
+
+impl Io {
+    pub fn entries(&self) -> Vec<(String, u64)> {
+        [
+            ("dev_reads", &self.dev_reads),
+            ("dev_read_bytes", &self.dev_read_bytes),
+            ("dev_read_super", &self.dev_read_super),
+            ("dev_writes", &self.dev_writes),
+            ("dev_write_bytes", &self.dev_write_bytes),
+            ("dev_write_super", &self.dev_write_super),
+            ("wire_tx_packets", &self.wire_tx_packets),
+            ("wire_rx_packets", &self.wire_rx_packets),
+        ]
+        .iter()
+        .map(|(k, c)| (k.to_string(), c.load(Relaxed)))
+        .collect()
     }
 }

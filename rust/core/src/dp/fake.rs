@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::sys;
@@ -27,6 +28,9 @@ pub struct FakeSocket {
     queue: Mutex<VecDeque<(Vec<u8>, SocketAddr)>>,
     /// Datagrams sent by this socket (all of them, for wire checks), if recording.
     pub sent_log: Mutex<Option<SentLog>>,
+    /// While set, arriving datagrams queue up without waking the receiver (see
+    /// [`hold`](FakeSocket::hold)).
+    held: AtomicBool,
 }
 
 impl FakeNet {
@@ -46,6 +50,7 @@ impl FakeNet {
             ready: sys::eventfd()?,
             queue: Mutex::new(VecDeque::new()),
             sent_log: Mutex::new(None),
+            held: AtomicBool::new(false),
         });
         self.socks.lock().unwrap().insert(addr, Arc::downgrade(&s));
         Ok(s)
@@ -78,6 +83,20 @@ impl FakeSocket {
         *a = new;
     }
 
+    /// Hold arriving datagrams (`true`) so that they are received in one batch once released
+    /// (`false`), as a busy receiver finds a full socket queue.
+    pub fn hold(&self, on: bool) {
+        self.held.store(on, Ordering::SeqCst);
+        if !on && !self.queue.lock().unwrap().is_empty() {
+            sys::signal(&self.ready);
+        }
+    }
+
+    /// Datagrams waiting to be received.
+    pub fn queued(&self) -> usize {
+        self.queue.lock().unwrap().len()
+    }
+
     pub fn record(&self) {
         *self.sent_log.lock().unwrap() = Some(Vec::new());
     }
@@ -87,7 +106,9 @@ impl FakeSocket {
         if q.len() < 65536 {
             q.push_back((p, from));
         }
-        sys::signal(&self.ready);
+        if !self.held.load(Ordering::SeqCst) {
+            sys::signal(&self.ready);
+        }
     }
 }
 

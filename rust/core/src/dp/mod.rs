@@ -34,6 +34,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,7 +42,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-pub use counters::{Drop, Traffic};
+pub use counters::{Drop, Io, Traffic};
 pub use device::{Device, FakeDevice, TunDevice};
 pub use route::Prefix;
 pub use transport::{Datagram, Transport, TransportKind};
@@ -51,6 +52,7 @@ use crate::esp::{
     encap_len, infer_next_header, SaStats, SecurityAssociation, NH_ETHERNET, NH_IPV4, NH_IPV6,
     NH_NONE, PAYLOAD_OFFSET,
 };
+use crate::offload::{self, Gro, GroOut, VnetHdr};
 use crate::proto::{NAT_KEEPALIVE, NON_ESP_MARKER};
 use crate::tun::Kind;
 use counters::{add, now_ms};
@@ -197,6 +199,7 @@ struct Inner {
     config: DpConfig,
     tables: RwLock<Tables>,
     totals: Traffic,
+    io: Io,
     events: Queue,
     stopping: AtomicBool,
     stop_fd: OwnedFd,
@@ -290,6 +293,7 @@ impl DataPlane {
             config,
             tables: RwLock::new(Tables::default()),
             totals: Traffic::default(),
+            io: Io::default(),
             stopping: AtomicBool::new(false),
             stop_fd: sys::eventfd()?,
             done_fd: sys::eventfd()?,
@@ -318,7 +322,7 @@ impl DataPlane {
         let Some(udp) = t.transports.get(transport).map(|tr| tr.carries_control()) else {
             return;
         };
-        receive_one(
+        let got = receive_one(
             &self.inner,
             &t,
             transport,
@@ -328,6 +332,9 @@ impl DataPlane {
             false,
             (now_ms(), Instant::now()),
         );
+        if let Some((peer, r)) = got {
+            to_device(&self.inner, None, &[(peer, &data[r])]);
+        }
     }
 
     fn spawn(
@@ -571,6 +578,16 @@ impl DataPlane {
         &self.inner.totals
     }
 
+    /// Device and wire system-call counters (bytes per device read / write / datagram).
+    pub fn io(&self) -> &Io {
+        &self.inner.io
+    }
+
+    /// The size of the vnet header on the device's packets (0: a device without offloads).
+    pub fn vnet_hdr_len(&self) -> usize {
+        self.inner.device.vnet_hdr_len()
+    }
+
     pub fn peer_stats(&self, peer: u32) -> Result<Vec<(String, u64)>, DpError> {
         Ok(self.peer(peer)?.traffic.entries())
     }
@@ -660,15 +677,118 @@ fn bufs() -> Vec<Vec<u8>> {
     (0..BATCH).map(|_| vec![0u8; BUF_LEN]).collect()
 }
 
-/// Device → transports.
+/// (buffer, start, wire length, inner length, transport, endpoint) of a batch's packets.
+type Out = (usize, usize, usize, usize, usize, SocketAddr);
+
+/// Route and encapsulate the inner packet at `buf[HEADROOM..HEADROOM + n]` (buffer `i` of the
+/// batch): what to send, or `None` when it was dropped (and counted).
+fn prepare(
+    inner: &Inner,
+    t: &Tables,
+    kind: Kind,
+    i: usize,
+    buf: &mut [u8],
+    n: usize,
+) -> Option<Out> {
+    let pkt = &buf[HEADROOM..HEADROOM + n];
+    let (peer, nh) = match kind {
+        Kind::Tap => (t.peers.values().next().cloned(), NH_ETHERNET),
+        Kind::Tun => match (inner_addrs(pkt), infer_next_header(pkt)) {
+            (Some((_, dst)), Some(nh)) => (
+                t.routes
+                    .lookup(dst)
+                    .and_then(|id| t.peers.get(&id).cloned()),
+                nh,
+            ),
+            _ => {
+                inner.drop_pkt(None, DropReason::BadInner.into());
+                return None;
+            }
+        },
+    };
+    let Some(peer) = peer else {
+        inner.drop_pkt(None, Drop::NoRoute);
+        return None;
+    };
+    let Some(ep) = *lock(&peer.endpoint) else {
+        inner.drop_pkt(Some(&peer), Drop::NoEndpoint);
+        return None;
+    };
+    let (plaintext, max) = t
+        .transports
+        .get(peer.transport)
+        .map_or((false, MAX_PACKET), |tr| (tr.plaintext(), tr.max_payload()));
+    if (if plaintext { n } else { encap_len(n) }) > max {
+        inner.drop_pkt(Some(&peer), DropReason::Oversize.into());
+        return None;
+    }
+    if plaintext {
+        add(&peer.traffic.tx_packets, 1);
+        add(&peer.traffic.tx_bytes, n as u64);
+        add(&peer.traffic.wire_tx_bytes, n as u64);
+        return Some((i, HEADROOM, n, n, peer.transport, ep));
+    }
+    let mut o = lock(&peer.out);
+    let Some(osa) = o.as_mut() else {
+        drop(o);
+        inner.drop_pkt(Some(&peer), Drop::NoSa);
+        if !peer.no_sa_reported.swap(true, Ordering::Relaxed) {
+            inner.event(Event::NoSa { peer: peer.id });
+        }
+        return None;
+    };
+    // The ESP packet starts HEADROOM - PAYLOAD_OFFSET = 0 bytes into the buffer.
+    match osa.sa.encap_in_place(buf, n, nh) {
+        Ok(len) => {
+            let (seq, bytes) = (osa.sa.tx_seq(), osa.sa.stats().encap_bytes);
+            if !osa.warned && (seq >= osa.soft_seq || bytes >= osa.soft_bytes) {
+                osa.warned = true;
+                inner.event(Event::SaLimit {
+                    peer: peer.id,
+                    spi: osa.sa.spi(),
+                    seq,
+                    bytes,
+                });
+            }
+            drop(o);
+            add(&peer.traffic.tx_packets, 1);
+            add(&peer.traffic.tx_bytes, n as u64);
+            add(&peer.traffic.wire_tx_bytes, len as u64);
+            Some((i, 0, len, n, peer.transport, ep))
+        }
+        Err(_) => {
+            drop(o);
+            inner.drop_pkt(Some(&peer), DropReason::SeqExhausted.into());
+            if !peer.no_sa_reported.swap(true, Ordering::Relaxed) {
+                inner.event(Event::NoSa { peer: peer.id });
+            }
+            None
+        }
+    }
+}
+
+/// A super-packet read from a vnet-header device whose segments do not all fit the batch:
+/// its header, its length in the read buffer, and the next segment to make.
+struct Pending {
+    hdr: VnetHdr,
+    len: usize,
+    next: usize,
+}
+
+/// Device → transports. On a vnet-header device each read may be a TSO/USO super-packet,
+/// split here into MTU-sized packets (checksums completed) before encapsulation; its segments
+/// travel in order in one batch (or the next, when the batch is full).
 fn device_loop(inner: &Inner) -> String {
     let dev = inner.device.clone();
     let kind = dev.kind();
+    let hz = dev.vnet_hdr_len();
     let mut bufs = bufs();
-    // (buffer, start, wire length, inner length, transport, endpoint) of a batch's packets.
-    type Out = (usize, usize, usize, usize, usize, SocketAddr);
+    let mut raw = vec![0u8; if hz > 0 { hz + MAX_PACKET } else { 0 }];
+    let mut pending: Option<Pending> = None;
+    let mut lens = [0usize; BATCH];
     let mut out: Vec<Out> = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();
+    let io = &inner.io;
     loop {
         if inner.stopping.load(Ordering::Relaxed) {
             return "stopped".into();
@@ -689,97 +809,91 @@ fn device_loop(inner: &Inner) -> String {
             tr.wait_room(inner.stop_fd.as_raw_fd(), TICK_MS);
             continue;
         }
-        let [ready, _] = sys::poll_readable([dev.poll_fd(), inner.stop_fd.as_raw_fd()], TICK_MS);
-        if !ready {
-            inner.sweep();
-            continue;
+        if pending.is_none() {
+            let [ready, _] =
+                sys::poll_readable([dev.poll_fd(), inner.stop_fd.as_raw_fd()], TICK_MS);
+            if !ready {
+                inner.sweep();
+                continue;
+            }
         }
         out.clear();
         let t = inner.read();
-        for (i, buf) in bufs.iter_mut().enumerate() {
-            let n = match dev.recv(&mut buf[HEADROOM..HEADROOM + MAX_PACKET]) {
-                Ok(Some(n)) => n,
-                Ok(None) => break,
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    return "device closed".into()
-                }
-                Err(e) => return format!("device error: {e}"),
-            };
-            let pkt = &buf[HEADROOM..HEADROOM + n];
-            let (peer, nh) = match kind {
-                Kind::Tap => (t.peers.values().next().cloned(), NH_ETHERNET),
-                Kind::Tun => match (inner_addrs(pkt), infer_next_header(pkt)) {
-                    (Some((_, dst)), Some(nh)) => (
-                        t.routes
-                            .lookup(dst)
-                            .and_then(|id| t.peers.get(&id).cloned()),
-                        nh,
-                    ),
-                    _ => {
-                        inner.drop_pkt(None, DropReason::BadInner.into());
+        let mut i = 0;
+        while i < BATCH {
+            let k = if hz == 0 {
+                let n = match dev.recv(&mut bufs[i][HEADROOM..HEADROOM + MAX_PACKET]) {
+                    Ok(Some(n)) => n,
+                    Ok(None) => break,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return "device closed".into()
+                    }
+                    Err(e) => return format!("device error: {e}"),
+                };
+                add(&io.dev_reads, 1);
+                add(&io.dev_read_bytes, n as u64);
+                lens[i] = n;
+                1
+            } else {
+                let p = match pending.take() {
+                    Some(p) => p,
+                    None => {
+                        let n = match dev.recv(&mut raw) {
+                            Ok(Some(n)) => n,
+                            Ok(None) => break,
+                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                                return "device closed".into()
+                            }
+                            Err(e) => return format!("device error: {e}"),
+                        };
+                        add(&io.dev_reads, 1);
+                        add(&io.dev_read_bytes, n.saturating_sub(hz) as u64);
+                        match VnetHdr::parse(&raw[..n], hz) {
+                            Ok(hdr) => Pending {
+                                hdr,
+                                len: n,
+                                next: 0,
+                            },
+                            Err(_) => {
+                                inner.drop_pkt(None, Drop::BadVnet);
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let r = offload::split_from(
+                    &p.hdr,
+                    &raw[hz..p.len],
+                    p.next,
+                    &mut bufs[i..],
+                    HEADROOM,
+                    &mut lens[i..],
+                );
+                match r {
+                    Ok((k, total)) => {
+                        if p.next == 0 && total > 1 {
+                            add(&io.dev_read_super, 1);
+                        }
+                        if p.next + k < total {
+                            pending = Some(Pending {
+                                next: p.next + k,
+                                ..p
+                            });
+                        }
+                        k
+                    }
+                    Err(_) => {
+                        inner.drop_pkt(None, Drop::BadVnet);
                         continue;
                     }
-                },
-            };
-            let Some(peer) = peer else {
-                inner.drop_pkt(None, Drop::NoRoute);
-                continue;
-            };
-            let Some(ep) = *lock(&peer.endpoint) else {
-                inner.drop_pkt(Some(&peer), Drop::NoEndpoint);
-                continue;
-            };
-            let (plaintext, max) = t
-                .transports
-                .get(peer.transport)
-                .map_or((false, MAX_PACKET), |tr| (tr.plaintext(), tr.max_payload()));
-            if (if plaintext { n } else { encap_len(n) }) > max {
-                inner.drop_pkt(Some(&peer), DropReason::Oversize.into());
-                continue;
-            }
-            if plaintext {
-                add(&peer.traffic.tx_packets, 1);
-                add(&peer.traffic.tx_bytes, n as u64);
-                add(&peer.traffic.wire_tx_bytes, n as u64);
-                out.push((i, HEADROOM, n, n, peer.transport, ep));
-                continue;
-            }
-            let mut o = lock(&peer.out);
-            let Some(osa) = o.as_mut() else {
-                drop(o);
-                inner.drop_pkt(Some(&peer), Drop::NoSa);
-                if !peer.no_sa_reported.swap(true, Ordering::Relaxed) {
-                    inner.event(Event::NoSa { peer: peer.id });
                 }
-                continue;
             };
-            // The ESP packet starts HEADROOM - PAYLOAD_OFFSET = 0 bytes into the buffer.
-            match osa.sa.encap_in_place(&mut buf[..], n, nh) {
-                Ok(len) => {
-                    let (seq, bytes) = (osa.sa.tx_seq(), osa.sa.stats().encap_bytes);
-                    if !osa.warned && (seq >= osa.soft_seq || bytes >= osa.soft_bytes) {
-                        osa.warned = true;
-                        inner.event(Event::SaLimit {
-                            peer: peer.id,
-                            spi: osa.sa.spi(),
-                            seq,
-                            bytes,
-                        });
-                    }
-                    drop(o);
-                    add(&peer.traffic.tx_packets, 1);
-                    add(&peer.traffic.tx_bytes, n as u64);
-                    add(&peer.traffic.wire_tx_bytes, len as u64);
-                    out.push((i, 0, len, n, peer.transport, ep));
-                }
-                Err(_) => {
-                    drop(o);
-                    inner.drop_pkt(Some(&peer), DropReason::SeqExhausted.into());
-                    if !peer.no_sa_reported.swap(true, Ordering::Relaxed) {
-                        inner.event(Event::NoSa { peer: peer.id });
-                    }
+            for j in i..i + k {
+                if let Some(o) = prepare(inner, &t, kind, j, &mut bufs[j], lens[j]) {
+                    out.push(o);
                 }
             }
+            i += k;
         }
         // One send per transport in use.
         let mut done = 0;
@@ -796,6 +910,7 @@ fn device_loop(inner: &Inner) -> String {
                     inner.totals.drop(Drop::SendFailed);
                 }
                 add(&inner.totals.tx_packets, sent as u64);
+                add(&io.wire_tx_packets, sent as u64);
                 add(
                     &inner.totals.tx_bytes,
                     mine[..sent].iter().map(|o| o.3 as u64).sum(),
@@ -816,12 +931,20 @@ fn device_loop(inner: &Inner) -> String {
     }
 }
 
+/// Packets accepted from one receive batch before they are written to the device: when
+/// this many are waiting they are written (coalesced) at once.
+const RX_FLUSH: usize = 128;
+/// Super-packets [`Gro`] builds per flush (64 KiB buffers each).
+const GRO_SLOTS: usize = 8;
+
 /// One transport → device.
 fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
     let udp = tr.carries_control();
     let mut bufs = bufs();
     let mut got: Vec<Datagram> = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();
+    let hz = inner.device.vnet_hdr_len();
+    let mut gro = (hz > 0).then(|| Gro::new(hz, GRO_SLOTS));
     loop {
         if inner.stopping.load(Ordering::Relaxed) {
             return "stopped".into();
@@ -842,6 +965,7 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
             }
             return format!("transport {id} error: {e}");
         }
+        add(&inner.io.wire_rx_packets, got.len() as u64);
         for (endpoint, reason) in tr.take_closed() {
             inner.event(Event::Closed {
                 transport: id,
@@ -851,9 +975,25 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
         }
         let t = inner.read();
         let now = (now_ms(), Instant::now());
-        for dg in &got {
-            let d = &mut bufs[dg.buf][dg.start..dg.start + dg.len];
-            receive_one(inner, &t, id, udp, d, dg.from, dg.truncated, now);
+        let mut from = 0;
+        while from < got.len() {
+            // Decapsulate in place until RX_FLUSH packets are accepted, then write those.
+            let mut accepted: Vec<(&Peer, usize, Range<usize>)> = Vec::with_capacity(RX_FLUSH);
+            while from < got.len() && accepted.len() < RX_FLUSH {
+                let dg = got[from];
+                from += 1;
+                let d = &mut bufs[dg.buf][dg.start..dg.start + dg.len];
+                if let Some((peer, r)) =
+                    receive_one(inner, &t, id, udp, d, dg.from, dg.truncated, now)
+                {
+                    accepted.push((peer, dg.buf, dg.start + r.start..dg.start + r.end));
+                }
+            }
+            let pkts: Vec<(&Peer, &[u8])> = accepted
+                .iter()
+                .map(|(p, b, r)| (*p, &bufs[*b][r.clone()]))
+                .collect();
+            to_device(inner, gro.as_mut(), &pkts);
         }
         drop(t);
         if last_sweep.elapsed() >= Duration::from_millis(TICK_MS as u64) {
@@ -865,17 +1005,18 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
 
 /// Classify and handle one received datagram (the body of the receive loop; also called
 /// directly by tests and the fuzz target). Every datagram ends in exactly one counter.
+/// Returns the accepted inner packet (where it lies in `d`) and its peer, for [`to_device`].
 #[allow(clippy::too_many_arguments)]
-fn receive_one(
+fn receive_one<'t>(
     inner: &Inner,
-    t: &Tables,
+    t: &'t Tables,
     id: usize,
     udp: bool,
     d: &mut [u8],
     from: SocketAddr,
     truncated: bool,
     now: (u64, Instant),
-) {
+) -> Option<(&'t Peer, Range<usize>)> {
     let dev = &inner.device;
     let kind = dev.kind();
     add(&inner.totals.wire_rx_bytes, d.len() as u64);
@@ -890,20 +1031,19 @@ fn receive_one(
         } else {
             Drop::Truncated
         });
-        return;
+        return None;
     }
     if t.transports.get(id).is_some_and(|tr| tr.plaintext()) {
-        receive_plaintext(inner, t, id, d, from, now.0);
-        return;
+        return receive_plaintext(inner, t, id, d, from, now.0);
     }
     if udp && d.len() == 1 && d[0] == NAT_KEEPALIVE {
         add(&inner.totals.keepalives, 1);
-        return;
+        return None;
     }
     if d.len() >= 4 && d[..4] == NON_ESP_MARKER {
         if !udp {
             inner.totals.drop(DropReason::Control.into());
-            return;
+            return None;
         }
         let ev = Event::Control {
             transport: id,
@@ -915,33 +1055,33 @@ fn receive_one(
         } else {
             inner.totals.drop(Drop::ControlOverflow);
         }
-        return;
+        return None;
     }
     if d.len() < 8 {
         inner.totals.drop(DropReason::BadLength.into());
-        return;
+        return None;
     }
     let spi = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
     let Some(s) = t.inbound.get(&spi) else {
         inner.totals.drop(DropReason::UnknownSpi.into());
-        return;
+        return None;
     };
     if lock(&s.expires).is_some_and(|e| e <= now.1) {
         inner.totals.drop(DropReason::UnknownSpi.into());
-        return;
+        return None;
     }
     let peer = &s.peer;
     if peer.transport != id {
         // An SA belongs to its peer's transport; the same SPI elsewhere is not it.
         inner.totals.drop(DropReason::UnknownSpi.into());
-        return;
+        return None;
     }
     let r = lock(&s.sa).decap_in_place(d);
     let dec = match r {
         Ok(dec) => dec,
         Err(reason) => {
             inner.drop_pkt(Some(peer), reason.into());
-            return;
+            return None;
         }
     };
     // Authenticated: the peer is at the packet's source now (roaming).
@@ -957,9 +1097,9 @@ fn receive_one(
     add(&peer.traffic.wire_rx_bytes, d.len() as u64);
     if dec.next_header == NH_NONE {
         add(&inner.totals.dummies, 1);
-        return;
+        return None;
     }
-    let pkt = &d[dec.inner];
+    let pkt = &d[dec.inner.clone()];
     let ok = match kind {
         Kind::Tap => dec.next_header == NH_ETHERNET,
         Kind::Tun => {
@@ -969,35 +1109,80 @@ fn receive_one(
     };
     if !ok {
         inner.drop_pkt(Some(peer), DropReason::BadInner.into());
-        return;
+        return None;
     }
     if kind == Kind::Tun {
         let allowed =
             inner_addrs(pkt).is_some_and(|(src, _)| peer.allowed.iter().any(|p| p.contains(src)));
         if !allowed {
             inner.drop_pkt(Some(peer), Drop::Spoofed);
-            return;
+            return None;
         }
     }
-    to_device(inner, peer, pkt);
+    Some((peer, dec.inner))
 }
 
-/// The last step of every receive path: write an accepted inner packet to the device and
-/// count it (or count the failed write).
-fn to_device(inner: &Inner, peer: &Peer, pkt: &[u8]) {
-    if inner.device.send(pkt).is_err() {
-        inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
+/// The last step of every receive path: write accepted inner packets to the device and count
+/// them (or count the failed writes). With `gro` (a vnet-header device) in-order TCP segments
+/// of one flow are coalesced into super-packets, one write each.
+fn to_device(inner: &Inner, gro: Option<&mut Gro>, pkts: &[(&Peer, &[u8])]) {
+    let dev = &inner.device;
+    let io = &inner.io;
+    let write = |peer: &Peer, r: io::Result<()>, segs: u64, bytes: u64, wrote: u64| {
+        if r.is_err() {
+            for _ in 0..segs {
+                inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
+            }
+            return;
+        }
+        add(&io.dev_writes, 1);
+        add(&io.dev_write_bytes, wrote);
+        add(&peer.traffic.rx_packets, segs);
+        add(&peer.traffic.rx_bytes, bytes);
+        add(&inner.totals.rx_packets, segs);
+        add(&inner.totals.rx_bytes, bytes);
+    };
+    let Some(gro) = gro else {
+        for (peer, pkt) in pkts {
+            let n = pkt.len() as u64;
+            write(peer, dev.send(pkt), 1, n, n);
+        }
         return;
+    };
+    let only: Vec<&[u8]> = pkts.iter().map(|(_, p)| *p).collect();
+    let hz = dev.vnet_hdr_len();
+    for o in gro.coalesce(&only).to_vec() {
+        match o {
+            GroOut::Pass(i) => {
+                let (peer, pkt) = pkts[i];
+                let n = pkt.len() as u64;
+                write(peer, dev.send(pkt), 1, n, n);
+            }
+            GroOut::Merged { slot, segments } => {
+                let buf = gro.merged(slot);
+                let peer = pkts[gro.head(slot)].0;
+                let ip = (buf.len() - hz) as u64;
+                // Every segment carried the same headers (hdr_len bytes): the inner bytes
+                // received are the merged packet's plus the headers it saved.
+                let hl = VnetHdr::parse(buf, hz).map_or(0, |h| h.hdr_len as u64);
+                let bytes = ip + (segments as u64 - 1) * hl;
+                add(&io.dev_write_super, 1);
+                write(peer, dev.send_vnet(buf), segments as u64, bytes, ip);
+            }
+        }
     }
-    add(&peer.traffic.rx_packets, 1);
-    add(&peer.traffic.rx_bytes, pkt.len() as u64);
-    add(&inner.totals.rx_packets, 1);
-    add(&inner.totals.rx_bytes, pkt.len() as u64);
 }
 
 /// A raw inner packet from a plaintext stream connection: its peer is the one whose endpoint
 /// the connection is (no authentication: plaintext mode is simpletun.c's, chosen by the user).
-fn receive_plaintext(inner: &Inner, t: &Tables, id: usize, pkt: &[u8], from: SocketAddr, now: u64) {
+fn receive_plaintext<'t>(
+    inner: &Inner,
+    t: &'t Tables,
+    id: usize,
+    pkt: &[u8],
+    from: SocketAddr,
+    now: u64,
+) -> Option<(&'t Peer, Range<usize>)> {
     let dev = &inner.device;
     let Some(peer) = t
         .peers
@@ -1005,27 +1190,27 @@ fn receive_plaintext(inner: &Inner, t: &Tables, id: usize, pkt: &[u8], from: Soc
         .find(|p| p.transport == id && *lock(&p.endpoint) == Some(from))
     else {
         inner.totals.drop(Drop::NoPeer);
-        return;
+        return None;
     };
     if pkt.is_empty() {
         inner.drop_pkt(Some(peer), DropReason::BadLength.into());
-        return;
+        return None;
     }
     if dev.kind() == Kind::Tun {
         let src = match (inner_addrs(pkt), infer_next_header(pkt)) {
             (Some((src, _)), Some(_)) => src,
             _ => {
                 inner.drop_pkt(Some(peer), DropReason::BadInner.into());
-                return;
+                return None;
             }
         };
         if !peer.allowed.iter().any(|p| p.contains(src)) {
             inner.drop_pkt(Some(peer), Drop::Spoofed);
-            return;
+            return None;
         }
     }
     peer.traffic.last_rx_ms.store(now, Ordering::Relaxed);
     inner.totals.last_rx_ms.store(now, Ordering::Relaxed);
     add(&peer.traffic.wire_rx_bytes, pkt.len() as u64);
-    to_device(inner, peer, pkt);
+    Some((peer, 0..pkt.len()))
 }

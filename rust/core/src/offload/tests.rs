@@ -303,6 +303,38 @@ fn tso_split_ipv4_and_ipv6() {
     }
 }
 
+/// Splitting in parts of 3 buffers gives the same segments as one `split`, for TCP and UDP;
+/// a start past the last segment is refused.
+#[test]
+fn split_from_in_parts_equals_split() {
+    for v6 in [false, true] {
+        let mut t = Tcp::new(v6);
+        t.flags = TCP_ACK | TCP_PSH | TCP_FIN | TCP_CWR;
+        let tcp = as_gso(t.packet(&payload(10000, 3)), 1000, true);
+        let udp = as_gso(udp_packet(v6, 9, &payload(7001, 5)), 700, false);
+        for (hdr, sp) in [tcp, udp] {
+            let whole = do_split(&hdr, &sp, 16).unwrap();
+            let mut parts = Vec::new();
+            let mut outs = vec![vec![0u8; 3000]; 3];
+            let mut lens = [0usize; 3];
+            loop {
+                let (n, total) =
+                    split_from(&hdr, &sp, parts.len(), &mut outs, 24, &mut lens).unwrap();
+                assert_eq!(total, whole.len());
+                parts.extend((0..n).map(|i| outs[i][24..24 + lens[i]].to_vec()));
+                if parts.len() == total {
+                    break;
+                }
+            }
+            assert_eq!(parts, whole);
+            assert_eq!(
+                split_from(&hdr, &sp, whole.len(), &mut outs, 24, &mut lens),
+                Err(OffloadDrop::TooManySegments)
+            );
+        }
+    }
+}
+
 #[test]
 fn uso_split_ipv4_and_ipv6() {
     for v6 in [false, true] {
