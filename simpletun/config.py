@@ -258,14 +258,14 @@ class Config:
         return self.key is not None or self.manual_keys is not None or self.ike is not None
 
     @property
-    def tun_offloads(self) -> bool:
-        """Open the TUN device with offloads (vnet headers, TSO/USO super-packets split and
-        coalesced by the userspace data plane): for the datagram transports, unless
-        SIMPLETUN_OFFLOADS=0 is in the environment (for comparisons)."""
+    def offloads(self) -> bool:
+        """Use offloads on the userspace data plane of the datagram transports: a TUN device
+        with vnet headers (TSO/USO super-packets split and coalesced by the data plane) and UDP
+        GSO/GRO on the socket; unless SIMPLETUN_OFFLOADS=0 is in the environment (for
+        comparisons, or captures that need one ESP packet per frame)."""
         return (
             self.transport in ("udp", "raw")
             and self.dataplane == "userspace"
-            and not self.tap
             and os.environ.get("SIMPLETUN_OFFLOADS", "1") != "0"
         )
 

@@ -415,13 +415,14 @@ class _Plane:
         udp: socket.socket,
         raw_families: tuple[int, ...],
         raw_bind: str | None = None,
+        offload: bool = True,
     ):
         from simpletun._core import DataPlane
 
         self.socks = [udp]
         self.dp = DataPlane(device.fd, tap=tap)
         try:
-            self.udp = self.dp.add_udp(udp.fileno())
+            self.udp = self.dp.add_udp(udp.fileno(), offload=offload)
             self.raw: dict[int, int] = {}
             for fam in raw_families:
                 try:
@@ -509,7 +510,7 @@ async def serve(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunnel=
         ) from None
     fams = (socket.AF_INET, socket.AF_INET6) if transport == "raw" else ()
     try:
-        plane = _Plane(device, config.tap, udp, fams)
+        plane = _Plane(device, config.tap, udp, fams, offload=config.offloads)
     except BaseException:
         udp.close()
         raise
@@ -580,7 +581,8 @@ async def connect(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunne
     try:
         udp.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         _no_pmtu(udp)
-        plane = _Plane(device, config.tap, udp, (family,) if transport == "raw" else ())
+        fams = (family,) if transport == "raw" else ()
+        plane = _Plane(device, config.tap, udp, fams, offload=config.offloads)
     except BaseException:
         udp.close()
         raise
@@ -729,7 +731,7 @@ async def manual(config, device, *, task_status=trio.TASK_STATUS_IGNORED, tunnel
         raise SimpletunError(f"cannot bind UDP port {mk.port}: {e.strerror or e}") from None
     try:
         fams = (family,) if transport == "raw" else ()
-        plane = _Plane(device, config.tap, udp, fams, raw_bind=bind_host)
+        plane = _Plane(device, config.tap, udp, fams, raw_bind=bind_host, offload=config.offloads)
     except BaseException:
         udp.close()
         raise

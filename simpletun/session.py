@@ -611,7 +611,7 @@ def _open(config: Config):
             mtu=config.mtu,
             addresses=config.addresses,
             routes=config.routes,
-            offload=config.tun_offloads,
+            offload=config.offloads,
         )
     except BaseException:
         for pin in pinned:

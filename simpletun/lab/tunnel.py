@@ -103,8 +103,11 @@ class TunnelPair:
         mtu: int | None = None,
         server_args: tuple[str, ...] = (),
         client_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ):
         self.lab = lab
+        # Extra environment of both ends (e.g. SIMPLETUN_OFFLOADS=0), on top of ours.
+        self.env = {**os.environ, **env} if env else None
         self.tap = tap
         self.plaintext = plaintext
         self.key_a = key_a
@@ -134,14 +137,14 @@ class TunnelPair:
     def start_server(self) -> Proc:
         argv = [simpletun_cmd(), *self._common(self.key_a), "-s", "-p", str(self.port)]
         argv += ["--addr", f"{TUN_A_ADDR}/24", *self.server_args]
-        self.server = self.lab.spawn(self.lab.ns_a, argv, name="server")
+        self.server = self.lab.spawn(self.lab.ns_a, argv, name="server", env=self.env)
         self.server.wait_for_output(r"listening on TCP port", timeout=15)
         return self.server
 
     def start_client(self) -> Proc:
         argv = [simpletun_cmd(), *self._common(self.key_b), "-c", self.client_host]
         argv += ["-p", str(self.client_port), "--addr", f"{TUN_B_ADDR}/24", *self.client_args]
-        self.client = self.lab.spawn(self.lab.ns_b, argv, name="client")
+        self.client = self.lab.spawn(self.lab.ns_b, argv, name="client", env=self.env)
         return self.client
 
     def start(self, timeout: float = 15.0) -> float:

@@ -97,8 +97,13 @@ impl PyDataPlane {
     }
 
     /// Add an ESP-in-UDP transport on (a duplicate of) a bound UDP socket; returns its id.
-    fn add_udp(&self, sock_fd: i32) -> PyResult<usize> {
-        let t = UdpTransport::from_fd(sock_fd).map_err(start_error)?;
+    /// `offload`: UDP GSO on send and GRO on receive where the kernel has them.
+    #[pyo3(signature = (sock_fd, *, offload=true))]
+    fn add_udp(&self, sock_fd: i32, offload: bool) -> PyResult<usize> {
+        let mut t = UdpTransport::from_fd(sock_fd).map_err(start_error)?;
+        if !offload {
+            t = t.without_offloads();
+        }
         self.dp.add_transport(Arc::new(t)).map_err(start_error)
     }
 

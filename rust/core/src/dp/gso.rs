@@ -1,6 +1,8 @@
-//! UDP segmentation offloads for ESP-in-UDP (issue 9), not yet used by the data plane:
-//! `UDP_SEGMENT` sends several equal-sized datagrams with one `sendmsg`, `UDP_GRO` lets one
-//! `recvmsg` return several datagrams of one flow glued together, with their size in a cmsg.
+//! UDP segmentation offloads for ESP-in-UDP: `UDP_SEGMENT` sends a run of equal-sized
+//! datagrams to one destination as one message ([`gso_runs`] finds the runs,
+//! `sys::send_groups` sends them), `UDP_GRO` lets one received message hold several datagrams
+//! of one flow glued together, their size in a control message ([`gro_segment`], read by
+//! `sys::recvmmsg`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,97 +10,66 @@ use std::os::fd::RawFd;
 
 use super::sys;
 
-const SOL_UDP: libc::c_int = 17;
-const UDP_SEGMENT: libc::c_int = 103;
-const UDP_GRO: libc::c_int = 104;
+pub const SOL_UDP: libc::c_int = 17;
+/// `UDP_SEGMENT` (send, `u16` segment size) and `UDP_GRO` (receive, `int` segment size).
+pub const UDP_SEGMENT: libc::c_int = 103;
+pub const UDP_GRO: libc::c_int = 104;
+/// Most datagrams one `UDP_SEGMENT` send may carry (the kernel's `UDP_MAX_SEGMENTS` before 6.9).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes one `UDP_SEGMENT` send may carry (a UDP payload; IPv4 header included in 65535).
+pub const GSO_MAX_BYTES: usize = 65535 - 20 - 8;
 
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: v lives across the call; the length matches its type.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    sys::cvt(r as isize).map(|_| ())
+/// Whether the kernel knows `UDP_SEGMENT` on this socket (reading it works from Linux 4.18).
+pub fn has_udp_segment(fd: RawFd) -> bool {
+    sys::getsockopt_int(fd, SOL_UDP, UDP_SEGMENT).is_ok()
 }
 
-/// Ask the kernel to coalesce received datagrams (`UDP_GRO`); fails on kernels without it.
-pub fn enable_gro(fd: RawFd) -> io::Result<()> {
-    setsockopt_int(fd, SOL_UDP, UDP_GRO, 1)
+/// Ask the kernel to coalesce received datagrams (`UDP_GRO`, Linux 5.0); fails without it.
+pub fn enable_udp_gro(fd: RawFd) -> io::Result<()> {
+    sys::setsockopt_int(fd, SOL_UDP, UDP_GRO, 1)
 }
 
-/// Send `payload` as datagrams of `seg` bytes each (the last may be shorter) to `to` with one
-/// `sendmsg` carrying a `UDP_SEGMENT` cmsg. Returns the bytes sent.
-pub fn send_segments(fd: RawFd, payload: &[u8], seg: u16, to: &SocketAddr) -> io::Result<usize> {
-    let (mut ss, sl) = sys::to_storage(to);
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr() as *mut libc::c_void,
-        iov_len: payload.len(),
-    };
-    // u64 words keep the control buffer aligned for cmsghdr.
-    let mut cbuf = [0u64; 4];
-    // SAFETY: every pointer refers to a live local; CMSG_* stay inside cbuf (its size is
-    // checked against CMSG_SPACE).
-    unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
-        assert!(space <= std::mem::size_of_val(&cbuf));
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_name = (&mut ss as *mut libc::sockaddr_storage).cast();
-        msg.msg_namelen = sl;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = SOL_UDP;
-        (*c).cmsg_type = UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
-        sys::retry(|| sys::cvt(libc::sendmsg(fd, &msg, 0)))
-    }
-}
-
-/// Receive one (possibly coalesced) datagram into `buf`: (length, segment size from the
-/// `UDP_GRO` cmsg or the length itself, source).
-pub fn recv_coalesced(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, usize, Option<SocketAddr>)> {
-    // SAFETY: as in send_segments; the kernel writes at most msg_controllen control bytes.
-    unsafe {
-        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let mut cbuf = [0u64; 8];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_name = (&mut ss as *mut libc::sockaddr_storage).cast();
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-        let n = sys::retry(|| sys::cvt(libc::recvmsg(fd, &mut msg, 0)))?;
-        let mut seg = n;
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
-                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
-                if v > 0 {
-                    seg = v as usize;
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
+/// The `UDP_GRO` segment size in a received message's control data, 0 if none.
+///
+/// # Safety
+/// `msg` must be a message the kernel filled in, its control buffer still alive.
+pub unsafe fn gro_segment(msg: &libc::msghdr) -> usize {
+    let mut c = libc::CMSG_FIRSTHDR(msg);
+    while !c.is_null() {
+        if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
+            let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+            return usize::try_from(v).unwrap_or(0);
         }
-        Ok((n, seg, sys::from_storage(&ss)))
+        c = libc::CMSG_NXTHDR(msg, c);
     }
+    0
+}
+
+/// Runs of `pkts` one `UDP_SEGMENT` message can carry: consecutive datagrams to one
+/// destination, all of the first one's length but the last (which may be shorter), at most
+/// [`GSO_MAX_SEGMENTS`] and [`GSO_MAX_BYTES`]. Returns the run lengths, in order.
+pub fn gso_runs(pkts: &[(&[u8], SocketAddr)]) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < pkts.len() {
+        let (first, to) = (pkts[i].0.len(), pkts[i].1);
+        let mut n = 1;
+        let mut total = first;
+        while i + n < pkts.len() && n < GSO_MAX_SEGMENTS && first > 0 {
+            let (p, t) = (pkts[i + n].0, pkts[i + n].1);
+            if t != to || p.len() > first || total + p.len() > GSO_MAX_BYTES {
+                break;
+            }
+            n += 1;
+            total += p.len();
+            if p.len() < first {
+                break;
+            }
+        }
+        runs.push(n);
+        i += n;
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -107,7 +78,34 @@ mod tests {
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd;
 
-    /// One sendmsg of 5 × 1000 bytes + 300 arrives as six datagrams (no GRO asked), or
+    #[test]
+    fn runs_follow_the_udp_segment_rules() {
+        let a: SocketAddr = "192.0.2.1:4500".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:4500".parse().unwrap();
+        let big = [0u8; 1000];
+        let small = [0u8; 300];
+        let pk = |p: &'static [u8], to| (p, to);
+        let big: &'static [u8] = Box::leak(Box::new(big));
+        let small: &'static [u8] = Box::leak(Box::new(small));
+        // equal, equal, shorter (ends the run), then another destination, then a longer one.
+        let pkts = [
+            pk(big, a),
+            pk(big, a),
+            pk(small, a),
+            pk(big, a),
+            pk(big, b),
+            pk(small, b),
+            pk(big, b),
+        ];
+        assert_eq!(gso_runs(&pkts), vec![3, 1, 2, 1]);
+        let many: Vec<(&[u8], SocketAddr)> = (0..100).map(|_| (big, a)).collect();
+        assert_eq!(gso_runs(&many), vec![64, 36]);
+        let huge = vec![0u8; 9000];
+        let jumbo: Vec<(&[u8], SocketAddr)> = (0..10).map(|_| (&huge[..], a)).collect();
+        assert_eq!(gso_runs(&jumbo), vec![7, 3], "at most 65507 bytes per run");
+    }
+
+    /// One message of 5 × 1000 bytes + 300 arrives as six datagrams (no GRO asked), or
     /// coalesced with a 1000-byte segment size when GRO is on: the bytes are the same.
     #[test]
     fn gso_send_arrives_as_segments() {
@@ -115,12 +113,14 @@ mod tests {
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let payload: Vec<u8> = (0..5300u32).map(|i| (i % 251) as u8).collect();
         let to = rx.local_addr().unwrap();
-        match send_segments(tx.as_raw_fd(), &payload, 1000, &to) {
-            Ok(n) => assert_eq!(n, payload.len()),
-            Err(e) => {
-                println!("skipped: kernel refuses UDP_SEGMENT ({e})");
-                return;
-            }
+        let pkts: Vec<(&[u8], SocketAddr)> = payload.chunks(1000).map(|c| (c, to)).collect();
+        if !has_udp_segment(tx.as_raw_fd()) {
+            println!("skipped: kernel without UDP_SEGMENT");
+            return;
+        }
+        match sys::send_groups(tx.as_raw_fd(), &pkts, false, true) {
+            (6, None) => {}
+            other => panic!("GSO send: {other:?}"),
         }
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65536];
@@ -132,18 +132,31 @@ mod tests {
         }
         assert_eq!(got, payload);
 
-        if enable_gro(rx.as_raw_fd()).is_err() {
+        if enable_udp_gro(rx.as_raw_fd()).is_err() {
             println!("skipped GRO half: kernel refuses UDP_GRO");
             return;
         }
-        send_segments(tx.as_raw_fd(), &payload, 1000, &to).unwrap();
+        assert_eq!(
+            sys::send_groups(tx.as_raw_fd(), &pkts, false, true),
+            (6, None)
+        );
         let mut got = Vec::new();
+        let mut bufs = vec![vec![0u8; 65536]; 4];
+        let mut segs = Vec::new();
         while got.len() < payload.len() {
-            let (n, seg, from) = recv_coalesced(rx.as_raw_fd(), &mut buf).unwrap();
-            assert_eq!(from, Some(tx.local_addr().unwrap()));
-            assert!(seg == 1000 || seg == n, "segment size {seg} of {n}");
-            got.extend_from_slice(&buf[..n]);
+            let mut r = Vec::new();
+            sys::recvmmsg(rx.as_raw_fd(), &mut bufs, &mut r, true).unwrap();
+            for (i, (n, from, trunc, seg)) in r.into_iter().enumerate() {
+                assert_eq!(from, Some(tx.local_addr().unwrap()));
+                assert!(!trunc);
+                segs.push((n, seg));
+                got.extend_from_slice(&bufs[i][..n]);
+            }
         }
         assert_eq!(got, payload);
+        assert!(
+            segs.iter().any(|&(n, seg)| seg == 1000 && n > 1000),
+            "coalesced on receive: {segs:?}"
+        );
     }
 }

@@ -31,6 +31,7 @@ impl RawEspTransport {
         let v4 = sys::local_family(fd)? == libc::AF_INET;
         let fd = sys::dup(fd)?;
         sys::set_nonblocking(fd.as_raw_fd())?;
+        sys::size_buffers(fd.as_raw_fd(), super::udp::SOCKET_BUFFER);
         Ok(RawEspTransport { fd, v4 })
     }
 }
@@ -53,8 +54,8 @@ impl Transport for RawEspTransport {
     }
     fn recv_batch(&self, bufs: &mut [Vec<u8>], out: &mut Vec<Datagram>) -> io::Result<()> {
         let mut got = Vec::with_capacity(bufs.len());
-        sys::recvmmsg(self.fd.as_raw_fd(), bufs, &mut got)?;
-        for (i, (len, from, truncated)) in got.into_iter().enumerate() {
+        sys::recvmmsg(self.fd.as_raw_fd(), bufs, &mut got, false)?;
+        for (i, (len, from, truncated, _)) in got.into_iter().enumerate() {
             let Some(mut from) = from else { continue };
             from.set_port(0);
             let start = if self.v4 {

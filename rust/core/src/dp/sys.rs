@@ -6,6 +6,8 @@ use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use super::gso;
+
 pub fn cvt(r: isize) -> io::Result<usize> {
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -191,17 +193,61 @@ pub fn local_family(fd: RawFd) -> io::Result<i32> {
     Ok(ss.ss_family as i32)
 }
 
-/// One received datagram of a batch: `(length, source, truncated)`.
-pub type Received = (usize, Option<SocketAddr>, bool);
+/// One received datagram of a batch: `(length, source, truncated, segment size)`. The segment
+/// size comes from a `UDP_GRO` control message (several datagrams of that size glued
+/// together, the last possibly shorter); 0 when there was none (one datagram).
+pub type Received = (usize, Option<SocketAddr>, bool, usize);
 
-/// `recvmmsg` into `bufs` without blocking; `Ok(empty)` when nothing is waiting.
-pub fn recvmmsg(fd: RawFd, bufs: &mut [Vec<u8>], out: &mut Vec<Received>) -> io::Result<()> {
+/// Control buffer of one message, in u64 words (aligned for cmsghdr): room for one int.
+const CMSG_WORDS: usize = 4;
+
+pub fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> io::Result<()> {
+    // SAFETY: v lives across the call; the length matches its type.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    cvt(r as isize).map(|_| ())
+}
+
+/// Ask for socket buffers of at least `bytes` each way: the `*FORCE` options (root, above
+/// `net.core.[rw]mem_max`), else the plain ones (capped by those sysctls). Never shrinks a
+/// buffer; a refusal leaves the kernel's default.
+pub fn size_buffers(fd: RawFd, bytes: i32) {
+    for (plain, force) in [
+        (libc::SO_SNDBUF, libc::SO_SNDBUFFORCE),
+        (libc::SO_RCVBUF, libc::SO_RCVBUFFORCE),
+    ] {
+        // The kernel reports twice what was set (its bookkeeping overhead).
+        if getsockopt_int(fd, libc::SOL_SOCKET, plain).is_ok_and(|v| v / 2 >= bytes) {
+            continue;
+        }
+        if setsockopt_int(fd, libc::SOL_SOCKET, force, bytes).is_err() {
+            let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, bytes);
+        }
+    }
+}
+
+/// `recvmmsg` into `bufs` without blocking; `Ok(empty)` when nothing is waiting. With `gro`
+/// each message gets a control buffer for the `UDP_GRO` segment size.
+pub fn recvmmsg(
+    fd: RawFd,
+    bufs: &mut [Vec<u8>],
+    out: &mut Vec<Received>,
+    gro: bool,
+) -> io::Result<()> {
     const MAX: usize = 64;
     let n = bufs.len().min(MAX);
     // SAFETY: all-zero is valid for these plain C structs.
     let mut names: [libc::sockaddr_storage; MAX] = unsafe { zeroed() };
     let mut iovs: [libc::iovec; MAX] = unsafe { zeroed() };
     let mut msgs: [libc::mmsghdr; MAX] = unsafe { zeroed() };
+    let mut cbufs = [[0u64; CMSG_WORDS]; MAX];
     for i in 0..n {
         iovs[i] = libc::iovec {
             iov_base: bufs[i].as_mut_ptr().cast(),
@@ -211,8 +257,12 @@ pub fn recvmmsg(fd: RawFd, bufs: &mut [Vec<u8>], out: &mut Vec<Received>) -> io:
         msgs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         msgs[i].msg_hdr.msg_iov = &mut iovs[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
+        if gro {
+            msgs[i].msg_hdr.msg_control = cbufs[i].as_mut_ptr().cast();
+            msgs[i].msg_hdr.msg_controllen = size_of::<[u64; CMSG_WORDS]>() as _;
+        }
     }
-    // SAFETY: msgs/iovs/names point into live buffers of the stated lengths.
+    // SAFETY: msgs/iovs/names/cbufs point into live buffers of the stated lengths.
     let r = retry(|| {
         cvt(unsafe {
             libc::recvmmsg(
@@ -232,7 +282,13 @@ pub fn recvmmsg(fd: RawFd, bufs: &mut [Vec<u8>], out: &mut Vec<Received>) -> io:
     for i in 0..got {
         let len = msgs[i].msg_len as usize;
         let trunc = msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-        out.push((len.min(bufs[i].len()), from_storage(&names[i]), trunc));
+        // SAFETY: the kernel filled message i; its control buffer is cbufs[i].
+        let seg = if gro {
+            unsafe { gso::gro_segment(&msgs[i].msg_hdr) }
+        } else {
+            0
+        };
+        out.push((len.min(bufs[i].len()), from_storage(&names[i]), trunc, seg));
     }
     Ok(())
 }
@@ -242,33 +298,75 @@ pub fn recvmmsg(fd: RawFd, bufs: &mut [Vec<u8>], out: &mut Vec<Received>) -> io:
 /// On an IPv6 socket (`v6_socket`), IPv4 destinations are sent as v4-mapped addresses
 /// (dual-stack); from_storage reports such sources as IPv4, so endpoints stay plain IPv4.
 pub fn sendmmsg(fd: RawFd, pkts: &[(&[u8], SocketAddr)], v6_socket: bool) -> usize {
+    send_groups(fd, pkts, v6_socket, false).0
+}
+
+/// [`sendmmsg`], with `gso`: each run of [`gso_runs`] longer than one goes as one message
+/// with `UDP_SEGMENT` (its datagrams as the iovecs). Returns `(datagrams sent, refused)`,
+/// `refused` the index of the first datagram of a `UDP_SEGMENT` message the kernel rejected:
+/// sending stopped there (the caller resends from it without GSO).
+pub fn send_groups(
+    fd: RawFd,
+    pkts: &[(&[u8], SocketAddr)],
+    v6_socket: bool,
+    gso: bool,
+) -> (usize, Option<usize>) {
     const MAX: usize = 64;
+    let runs = if gso {
+        gso::gso_runs(pkts)
+    } else {
+        vec![1; pkts.len()]
+    };
+    // Datagram index where each run starts.
+    let mut starts = Vec::with_capacity(runs.len());
+    let mut at = 0;
+    for r in &runs {
+        starts.push(at);
+        at += r;
+    }
+    let mut iovs: Vec<libc::iovec> = pkts
+        .iter()
+        .map(|(p, _)| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
     let mut sent = 0;
-    let mut start = 0;
-    while start < pkts.len() {
-        let n = (pkts.len() - start).min(MAX);
+    let mut run = 0;
+    while run < runs.len() {
+        let n = (runs.len() - run).min(MAX);
         // SAFETY: all-zero is valid for these plain C structs.
         let mut names: [libc::sockaddr_storage; MAX] = unsafe { zeroed() };
-        let mut iovs: [libc::iovec; MAX] = unsafe { zeroed() };
         let mut msgs: [libc::mmsghdr; MAX] = unsafe { zeroed() };
+        let mut cbufs = [[0u64; CMSG_WORDS]; MAX];
         for i in 0..n {
-            let (p, to) = &pkts[start + i];
-            let to = match to {
+            let (first, count) = (starts[run + i], runs[run + i]);
+            let to = match pkts[first].1 {
                 SocketAddr::V4(a) if v6_socket => {
                     SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port())
                 }
-                other => *other,
+                other => other,
             };
             let (ss, len) = to_storage(&to);
             names[i] = ss;
-            iovs[i] = libc::iovec {
-                iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: p.len(),
-            };
-            msgs[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
-            msgs[i].msg_hdr.msg_namelen = len;
-            msgs[i].msg_hdr.msg_iov = &mut iovs[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
+            let h = &mut msgs[i].msg_hdr;
+            h.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = len;
+            h.msg_iov = iovs[first..].as_mut_ptr();
+            h.msg_iovlen = count as _;
+            if count > 1 {
+                let seg = pkts[first].0.len() as u16;
+                // SAFETY: CMSG_* stay inside cbufs[i], which holds CMSG_SPACE(2) bytes.
+                unsafe {
+                    h.msg_control = cbufs[i].as_mut_ptr().cast();
+                    h.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = gso::SOL_UDP;
+                    (*c).cmsg_type = gso::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+                }
+            }
         }
         // SAFETY: as in recvmmsg; the kernel only reads the payloads.
         let r = retry(|| {
@@ -284,8 +382,8 @@ pub fn sendmmsg(fd: RawFd, pkts: &[(&[u8], SocketAddr)], v6_socket: bool) -> usi
         match r {
             Ok(0) => break,
             Ok(k) => {
-                sent += k;
-                start += k;
+                sent += runs[run..run + k].iter().sum::<usize>();
+                run += k;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Socket buffer full: wait briefly for room rather than dropping a burst.
@@ -300,9 +398,12 @@ pub fn sendmmsg(fd: RawFd, pkts: &[(&[u8], SocketAddr)], v6_socket: bool) -> usi
                     break;
                 }
             }
+            // A UDP_SEGMENT message refused (no GSO on the route's device, EIO; or EINVAL):
+            // let the caller fall back.
+            Err(_) if runs[run] > 1 => return (sent, Some(starts[run])),
             // The first datagram failed (e.g. ENETUNREACH): skip it.
-            Err(_) => start += 1,
+            Err(_) => run += 1,
         }
     }
-    sent
+    (sent, None)
 }
