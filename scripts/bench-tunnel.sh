@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Tunnel benchmark (run as root): iperf3 single-flow TCP throughput and ping RTT between two
-# network namespaces, for the bare veth, simpletun plaintext, and simpletun ESP with
-# aes-128-cbc and aes-256-cbc. Prints a table. Options: see scripts/bench_tunnel.py --help.
+# Tunnel benchmark (run as root): single-flow TCP throughput (iperf3), CPU-s per GB of both
+# tunnel ends, bytes per TUN read / datagram / TUN write, drops and ping RTT at 1, 20 and 100
+# pings/s between two network namespaces: bare veth, simpletun ESP over TCP, UDP and raw ESP
+# (with and without offloads; --base DIR adds another checkout's simpletun), in interleaved
+# rounds. Prints a table; --plot FILE.png draws it. Options: scripts/bench_tunnel.py --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then

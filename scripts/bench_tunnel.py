@@ -1,11 +1,25 @@
-"""Tunnel benchmark: single-flow TCP throughput (iperf3) and ping RTT between two namespaces,
-over the bare veth and through simpletun in plaintext and ESP (aes-128-cbc, aes-256-cbc) mode
-over TCP, and ESP over UDP (ESP-in-UDP) and raw ESP (--transport udp|raw; tunnel MTU 1400 so
-that the outer packets fit the 1500-byte veth unfragmented).
+"""Tunnel benchmark: one TCP flow (iperf3) and ping RTT between two namespaces, over the bare
+veth and through simpletun: ESP over TCP, ESP-in-UDP and raw ESP (tunnel MTU 1400 on the
+datagram transports so that the outer packets fit the 1500-byte veth), each datagram transport
+with offloads (TUN TSO/GRO, UDP GSO/GRO) and without (``SIMPLETUN_OFFLOADS=0``), and, with
+``--base DIR``, the same transports run by another checkout's simpletun (e.g. main before a
+change).
 
-Run as root via ``scripts/bench-tunnel.sh``. One lab (two namespaces + veth) serves every
-configuration, so the only thing that changes between rows is the tunnel. Prints a table; the
-targets are printed for reference, not enforced.
+Rounds are interleaved (every configuration once per round, in order) and every figure of a
+row is the median over the rounds; ratios to the bare veth are taken within each round, so a
+machine that gets busier or quieter during the run shifts all rows alike. Per row:
+
+- Gbit/s and × veth (iperf3 single flow, B → A);
+- CPU-s/GB: user + system CPU time of both simpletun processes (``/proc/PID/stat``) during the
+  iperf3 run, per GB received (the noise-robust figure on a shared machine);
+- B/read, B/dgram, B/write: bytes per TUN read at the sender, per datagram it sent, per TUN
+  write at the receiver (the data plane's counters, logged on SIGUSR1; not for ``--base``);
+- drops: the data plane's drop counters (both ends), the sending TUN device's queue drops
+  (``tx_dropped``) and the receiver's UDP receive-buffer errors;
+- median ping RTT at 1, 20 and 100 pings/s, and what the tunnel adds to the veth's.
+
+The machine's load average is printed with each row. Run as root via
+``scripts/bench-tunnel.sh``; ``--plot FILE.png`` draws the table with gnuplot.
 """
 
 from __future__ import annotations
@@ -14,7 +28,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,19 +41,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "netns
 from dgtunnel import DatagramPair  # noqa: E402
 
 from simpletun.lab import TUN_A_ADDR, VETH_A_ADDR, Lab, missing_prerequisites  # noqa: E402
-from simpletun.lab.tunnel import TunnelPair, genkey, simpletun_cmd  # noqa: E402
+from simpletun.lab.tunnel import DEV, TunnelPair, genkey, io_counters, simpletun_cmd  # noqa: E402
 
 IPERF_PORT = 5201
-TARGET_GBPS = 1.0
-TARGET_ADDED_RTT_MS = 0.2
-CLASSIC = "classic simpletun.c on this machine (reference): 0.14 Gbit/s, RTT 42 ms"
+RATES = (1, 20, 100)
+# Issue 9's targets: ESP single flow >= 0.30x veth, <= 4 CPU-s/GB, added RTT <= 0.15 ms.
+TARGET_X_VETH = 0.30
+TARGET_CPU_PER_GB = 4.0
+TARGET_ADDED_RTT_MS = 0.15
+OFF = {"SIMPLETUN_OFFLOADS": "0"}
 
 
-def iperf(lab: Lab, dst: str, seconds: float, reverse: bool = False) -> float:
-    """Single-flow TCP from B to ``dst`` in A (A to B with ``reverse``); returns Gbit/s."""
+def configs(key: Path, base_cmd: str | None, only: list[str] | None) -> list[dict]:
+    esp = {"key_a": key, "cipher": "aes-128-cbc"}
+    udp = {**esp, "transport": "udp", "mtu": 1400}
+    raw = {**esp, "transport": "raw", "mtu": 1400}
+    rows = [
+        {"name": "bare veth", "kw": None},
+        {"name": "ESP/TCP", "kw": esp},
+        {"name": "ESP/UDP offloads", "kw": udp},
+        {"name": "ESP/UDP no offloads", "kw": udp, "env": OFF},
+        {"name": "raw ESP offloads", "kw": raw},
+        {"name": "raw ESP no offloads", "kw": raw, "env": OFF},
+    ]
+    if base_cmd:
+        rows += [
+            {"name": "base ESP/TCP", "kw": esp, "cmd": base_cmd},
+            {"name": "base ESP/UDP", "kw": udp, "cmd": base_cmd},
+            {"name": "base raw ESP", "kw": raw, "cmd": base_cmd},
+        ]
+    if only:
+        rows = [r for r in rows if r["kw"] is None or any(o in r["name"] for o in only)]
+    return rows
+
+
+def iperf(lab: Lab, dst: str, seconds: float) -> tuple[float, int]:
+    """Single-flow TCP from B to ``dst`` in A; returns (Gbit/s, bytes received)."""
     argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", "-P", "1"]
-    if reverse:
-        argv.append("-R")
     proc = lab.run(lab.ns_b, argv, check=False, timeout=seconds + 30)
     try:
         res = json.loads(proc.stdout)
@@ -45,44 +85,249 @@ def iperf(lab: Lab, dst: str, seconds: float, reverse: bool = False) -> float:
         raise RuntimeError(f"iperf3 gave no JSON: {proc.stderr.decode(errors='replace')}") from None
     if "error" in res:
         raise RuntimeError(f"iperf3: {res['error']}")
-    return res["end"]["sum_received"]["bits_per_second"] / 1e9
+    r = res["end"]["sum_received"]
+    return r["bits_per_second"] / 1e9, int(r["bytes"])
 
 
-def rtt(lab: Lab, dst: str, count: int, interval: float) -> dict:
-    """``count`` pings at ``interval`` s after 5 warm-up pings; avg/median/min/max in ms."""
-    lab.ping(lab.ns_b, dst, count=5, interval=interval, wait=1)
-    argv = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "1", dst]
+def ping_median(lab: Lab, dst: str, rate: int, seconds: float) -> float:
+    """Median RTT (ms) of ``rate`` pings per second for ``seconds`` (at least 5 pings), after
+    3 warm-up pings."""
+    interval = 1.0 / rate
+    lab.ping(lab.ns_b, dst, count=3, interval=min(interval, 0.2), wait=1)
+    count = max(5, int(rate * seconds))
+    argv = ["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-W", "1", dst]
     proc = lab.run(lab.ns_b, argv, check=False, timeout=count * (interval + 1) + 10)
     times = [float(x) for x in re.findall(r"time=([\d.]+) ms", proc.stdout.decode())]
     if not times:
         raise RuntimeError(f"no ping reply from {dst}")
-    return {
-        "avg": statistics.fmean(times),
-        "median": statistics.median(times),
-        "min": min(times),
-        "max": max(times),
-        "got": len(times),
-        "sent": count,
+    return statistics.median(times)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` so far (/proc/PID/stat fields 14 and 15)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def read_int(lab: Lab, ns: str, path: str) -> int:
+    proc = lab.run(ns, ["cat", path], check=False)
+    return int(proc.stdout.decode().strip() or 0) if proc.returncode == 0 else 0
+
+
+def udp_rcvbuf_errors(lab: Lab, ns: str) -> int:
+    """RcvbufErrors of UDP and UDP6 in ``ns`` (/proc/net/snmp, snmp6)."""
+    out = lab.run(ns, ["cat", "/proc/net/snmp", "/proc/net/snmp6"], check=False).stdout.decode()
+    total = 0
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Udp: InDatagrams") and i + 1 < len(lines):
+            names, values = line.split()[1:], lines[i + 1].split()[1:]
+            total += int(dict(zip(names, values, strict=False)).get("RcvbufErrors", 0))
+        elif line.startswith("Udp6RcvbufErrors"):
+            total += int(line.split()[1])
+    return total
+
+
+def snapshot(lab: Lab, t, counters: bool) -> dict:
+    s = {
+        "cpu": cpu_seconds([t.server.pid, t.client.pid]),
+        "tun_drops": read_int(lab, lab.ns_b, f"/sys/class/net/{DEV}/statistics/tx_dropped"),
+        "rcvbuf": udp_rcvbuf_errors(lab, lab.ns_a),
     }
+    if counters:
+        s["snd"], s["rcv"] = io_counters(t.client), io_counters(t.server)
+    return s
+
+
+def delta(a: dict, b: dict, key: str) -> int:
+    return int(b.get(key, 0)) - int(a.get(key, 0))
+
+
+def ratio(num: int, den: int) -> float | None:
+    return num / den if den > 0 else None
+
+
+def measure(lab: Lab, cfg: dict, args) -> dict:
+    t = None
+    try:
+        if cfg["kw"] is None:
+            dst = VETH_A_ADDR
+        else:
+            kw = dict(cfg["kw"], env=cfg.get("env"), cmd=cfg.get("cmd"))
+            t = DatagramPair(lab, **kw) if "transport" in kw else TunnelPair(lab, **kw)
+            t.start(timeout=30)
+            dst = TUN_A_ADDR
+        row: dict = {"config": cfg["name"], "load": os.getloadavg()[0]}
+        counters = t is not None and cfg.get("cmd") is None
+        before = snapshot(lab, t, counters) if t else None
+        row["gbps"], nbytes = iperf(lab, dst, args.time)
+        if t is not None:
+            after = snapshot(lab, t, counters)
+            row["cpu_per_gb"] = (after["cpu"] - before["cpu"]) / (nbytes / 1e9)
+            row["tun_drops"] = after["tun_drops"] - before["tun_drops"]
+            row["rcvbuf_errors"] = after["rcvbuf"] - before["rcvbuf"]
+            if counters:
+                snd0, snd1, rcv0, rcv1 = before["snd"], after["snd"], before["rcv"], after["rcv"]
+                row["b_per_read"] = ratio(
+                    delta(snd0, snd1, "dev_read_bytes"), delta(snd0, snd1, "dev_reads")
+                )
+                row["b_per_dgram"] = ratio(
+                    delta(snd0, snd1, "wire_tx_bytes"), delta(snd0, snd1, "wire_tx_packets")
+                )
+                row["b_per_write"] = ratio(
+                    delta(rcv0, rcv1, "dev_write_bytes"), delta(rcv0, rcv1, "dev_writes")
+                )
+                keys = {k for d in (snd1, rcv1) for k in d if k.startswith("drop_")}
+                row["dp_drops"] = sum(delta(snd0, snd1, k) + delta(rcv0, rcv1, k) for k in keys)
+                row["offloads"] = snd1.get("offloads")
+        for rate in RATES:
+            row[f"rtt{rate}"] = ping_median(lab, dst, rate, args.ping_seconds)
+        return row
+    finally:
+        if t is not None:
+            t.stop()
+
+
+def median(vals: list) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(rounds: list[list[dict]]) -> list[dict]:
+    """One row per configuration: medians over the rounds; × veth and added RTT per round."""
+    out = []
+    for i, first in enumerate(rounds[0]):
+        runs = [r[i] for r in rounds if "error" not in r[i]]
+        veths = [r[0] for r in rounds if "error" not in r[i]]
+        s: dict = {"config": first["config"], "rounds": len(runs)}
+        if not runs:
+            s["error"] = first.get("error", "failed")
+            out.append(s)
+            continue
+        s["gbps"] = median([r["gbps"] for r in runs])
+        s["x_veth"] = median([r["gbps"] / v["gbps"] for r, v in zip(runs, veths, strict=True)])
+        for k in ("cpu_per_gb", "b_per_read", "b_per_dgram", "b_per_write", "load"):
+            s[k] = median([r.get(k) for r in runs])
+        for k in ("dp_drops", "tun_drops", "rcvbuf_errors"):
+            s[k] = median([r.get(k) for r in runs])
+        for rate in RATES:
+            s[f"rtt{rate}"] = median([r[f"rtt{rate}"] for r in runs])
+            s[f"added{rate}"] = median(
+                [r[f"rtt{rate}"] - v[f"rtt{rate}"] for r, v in zip(runs, veths, strict=True)]
+            )
+        s["offloads"] = next((r.get("offloads") for r in runs if r.get("offloads")), None)
+        out.append(s)
+    return out
+
+
+def fmt(v, spec: str, dash: str = "-") -> str:
+    return dash if v is None else format(v, spec)
+
+
+def table(summary: list[dict]) -> list[str]:
+    cols = ["configuration", "Gbit/s", "x veth", "CPU-s/GB", "B/read", "B/dgram", "B/write"]
+    cols += ["drops dp/tun/udp"]
+    cols += [f"RTT@{r}/s (+veth)" for r in RATES]
+    rows = []
+    for s in summary:
+        if "error" in s:
+            rows.append([s["config"], "FAILED"] + [""] * (len(cols) - 2))
+            continue
+        drops = "/".join(fmt(s[k], ".0f") for k in ("dp_drops", "tun_drops", "rcvbuf_errors"))
+        cells = [
+            s["config"],
+            f"{s['gbps']:.2f}",
+            f"{s['x_veth']:.2f}",
+            fmt(s["cpu_per_gb"], ".2f"),
+            fmt(s["b_per_read"], ".0f"),
+            fmt(s["b_per_dgram"], ".0f"),
+            fmt(s["b_per_write"], ".0f"),
+            drops if s["config"] != "bare veth" else "-",
+        ]
+        for r in RATES:
+            added = "" if s["config"] == "bare veth" else f" ({s[f'added{r}']:+.3f})"
+            cells.append(f"{s[f'rtt{r}']:.3f}{added}")
+        rows.append(cells)
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return [line(cols), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+GNUPLOT = """set terminal pngcairo size 1200,700 noenhanced font ",10"
+set output '{png}'
+set title "{title}"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set boxwidth 0.9
+set xtics rotate by -30 scale 0
+set ylabel "x bare veth (single TCP flow)"
+set y2label "CPU-s per GB (both ends)"
+set ytics nomirror
+set y2tics
+set yrange [0:*]
+set y2range [0:*]
+set key top right
+plot '{dat}' using 2:xtic(1) title "x veth" axes x1y1, \\
+     '' using 3 title "CPU-s/GB" axes x1y2
+"""
+
+
+def plot(summary: list[dict], png: str, title: str) -> str | None:
+    """Draw × veth and CPU-s/GB per configuration with gnuplot; None, or why not."""
+    if shutil.which("gnuplot") is None:
+        return "gnuplot is not installed (scripts/setup.sh installs gnuplot-nox)"
+    rows = [s for s in summary if "error" not in s and s["config"] != "bare veth"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dat = Path(tmp) / "bench.dat"
+        dat.write_text(
+            "".join(f'"{s["config"]}" {s["x_veth"]:.4f} {s["cpu_per_gb"] or 0:.4f}\n' for s in rows)
+        )
+        script = Path(tmp) / "bench.gp"
+        script.write_text(GNUPLOT.format(png=png, dat=dat, title=title))
+        proc = subprocess.run(["gnuplot", str(script)], capture_output=True, timeout=60)
+        if proc.returncode != 0:
+            return proc.stderr.decode(errors="replace").strip()
+    return None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--time", type=float, default=5.0, help="iperf3 seconds per run (5)")
-    ap.add_argument("--pings", type=int, default=50, help="pings per RTT measurement (50)")
-    ap.add_argument("--interval", type=float, default=0.01, help="ping interval, s (0.01)")
-    ap.add_argument("--reverse", action="store_true", help="also measure A->B (iperf3 -R)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    ap.add_argument("--ping-seconds", type=float, default=5.0, help="seconds of pings per rate (5)")
+    ap.add_argument(
+        "--base", metavar="DIR", help="also run another checkout's simpletun (DIR/.venv)"
+    )
+    ap.add_argument("--only", action="append", help="only configurations containing this")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw x veth and CPU-s/GB (gnuplot)")
     args = ap.parse_args()
 
     missing = missing_prerequisites()
     if simpletun_cmd() is None:
         missing.append("the simpletun command (run scripts/setup.sh)")
+    base_cmd = None
+    if args.base:
+        base_cmd = str(Path(args.base).resolve() / ".venv" / "bin" / "simpletun")
+        if not os.access(base_cmd, os.X_OK):
+            missing.append(f"{base_cmd} (run scripts/setup.sh in {args.base})")
     if missing:
         print("bench-tunnel: cannot run: " + "; ".join(missing), file=sys.stderr)
         return 1
 
-    results = []
+    rounds: list[list[dict]] = []
+    load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="simpletun-bench-") as tmp, Lab(tmp) as lab:
         key = genkey(Path(tmp) / "key")
         srv = lab.spawn(lab.ns_a, ["iperf3", "-s", "-p", str(IPERF_PORT)], name="iperf3-server")
@@ -90,113 +335,62 @@ def main() -> int:
         if not srv.alive():
             print(f"bench-tunnel: iperf3 server failed: {srv.stderr()}", file=sys.stderr)
             return 1
-        configs = [
-            ("bare veth", None),
-            ("simpletun plaintext", {"plaintext": True}),
-            ("simpletun ESP aes-128-cbc", {"key_a": key, "cipher": "aes-128-cbc"}),
-            ("simpletun ESP aes-256-cbc", {"key_a": key, "cipher": "aes-256-cbc"}),
-            ("simpletun ESP-in-UDP aes-128", {"key_a": key, "transport": "udp", "mtu": 1400}),
-            ("simpletun raw ESP aes-128", {"key_a": key, "transport": "raw", "mtu": 1400}),
-        ]
+        cfgs = configs(key, base_cmd, args.only)
         print(
-            f"bench-tunnel: namespaces {lab.ns_a} (server) and {lab.ns_b} (client), veth "
-            f"{VETH_A_ADDR}; {os.cpu_count()} CPUs; iperf3 -t {args.time:g} single flow; "
-            f"{args.pings} pings at {args.interval:g} s"
+            f"bench-tunnel: {os.cpu_count()} CPUs, load average {load0[0]:.2f}; "
+            f"{args.rounds} interleaved rounds of {len(cfgs)} configurations; iperf3 -t "
+            f"{args.time:g} single flow B->A; pings at {'/'.join(map(str, RATES))} per s "
+            f"for {args.ping_seconds:g} s each"
         )
-        for name, kw in configs:
-            t = None
-            try:
-                if kw is None:
-                    dst = VETH_A_ADDR
-                else:
-                    t = DatagramPair(lab, **kw) if "transport" in kw else TunnelPair(lab, **kw)
-                    t.start()
-                    dst = TUN_A_ADDR
-                print(f"  {name}: measuring...", flush=True)
-                r = rtt(lab, dst, args.pings, args.interval)
-                gbps = iperf(lab, dst, args.time)
-                row = {
-                    "config": name,
-                    "gbps": gbps,
-                    "rtt_ms": r["avg"],
-                    "rtt_median_ms": r["median"],
-                    "rtt_max_ms": r["max"],
-                    "pings": f"{r['got']}/{r['sent']}",
-                }
-                if args.reverse:
-                    row["gbps_reverse"] = iperf(lab, dst, args.time, reverse=True)
-                results.append(row)
-            except Exception as exc:  # report the row as failed, measure the others
-                msg = str(exc).splitlines()[0]
-                print(f"  {name}: FAILED: {msg}", file=sys.stderr)
-                if t is not None:
-                    print(t.logs()[-1500:], file=sys.stderr)
-                if kw is None:
-                    return 1
-                results.append({"config": name, "error": msg})
-            finally:
-                if t is not None:
-                    t.stop()
+        for n in range(args.rounds):
+            this = []
+            for cfg in cfgs:
+                try:
+                    row = measure(lab, cfg, args)
+                    print(
+                        f"  round {n + 1} {cfg['name']}: {row['gbps']:.2f} Gbit/s, "
+                        f"{fmt(row.get('cpu_per_gb'), '.2f')} CPU-s/GB, "
+                        f"load {row['load']:.2f}",
+                        flush=True,
+                    )
+                except Exception as exc:  # report the row as failed, measure the others
+                    msg = str(exc).splitlines()[0]
+                    print(f"  round {n + 1} {cfg['name']}: FAILED: {msg}", file=sys.stderr)
+                    if cfg["kw"] is None:
+                        return 1
+                    row = {"config": cfg["name"], "error": msg}
+                this.append(row)
+            rounds.append(this)
+    load1 = os.getloadavg()
 
-    base = results[0]
-    cols = ["configuration", "Gbit/s", "x veth", "RTT avg ms", "added RTT ms", "median", "max"]
-    cols.append("pings")
-    if args.reverse:
-        cols.insert(2, "Gbit/s A->B")
-    rows = []
-    for r in results:
-        if "error" in r:
-            rows.append([r["config"], "FAILED"] + [""] * (len(cols) - 2))
-            continue
-        cells = [
-            r["config"],
-            f"{r['gbps']:.2f}",
-            f"{r['gbps'] / base['gbps']:.2f}",
-            f"{r['rtt_ms']:.3f}",
-            "-" if r is base else f"{r['rtt_ms'] - base['rtt_ms']:+.3f}",
-            f"{r['rtt_median_ms']:.3f}",
-            f"{r['rtt_max_ms']:.3f}",
-            r["pings"],
-        ]
-        if args.reverse:
-            cells.insert(2, f"{r['gbps_reverse']:.2f}")
-        rows.append(cells)
+    summary = summarize(rounds)
     print()
-    for line in _table(cols, rows):
+    for line in table(summary):
         print(line)
     print()
+    loads = [r["load"] for rnd in rounds for r in rnd if "load" in r]
     print(
-        f"targets (reference, not enforced): ESP >= {TARGET_GBPS:g} Gbit/s single flow, "
-        f"added RTT <= {TARGET_ADDED_RTT_MS:g} ms"
+        f"load average (1 min) during the rows: {min(loads):.2f}-{max(loads):.2f} "
+        f"on {os.cpu_count()} CPUs (start {load0[0]:.2f}, end {load1[0]:.2f}); medians of "
+        f"{args.rounds} rounds; x veth and added RTT within each round"
     )
-    for r in results[2:]:
-        if "error" in r:
-            print(f"  {r['config']}: FAILED ({r['error']})")
-            continue
-        added = r["rtt_ms"] - base["rtt_ms"]
-        ok_t = "met" if r["gbps"] >= TARGET_GBPS else "NOT met"
-        ok_r = "met" if added <= TARGET_ADDED_RTT_MS else "NOT met"
-        print(
-            f"  {r['config']}: {r['gbps']:.2f} Gbit/s (target {ok_t}), "
-            f"added RTT {added:+.3f} ms (target {ok_r})"
-        )
-    print("(RTT: avg of the pings after 5 warm-up ones; added RTT = avg minus the bare veth's)")
-    print(CLASSIC)
+    print(
+        "B/read, B/dgram: sender's bytes per TUN read / per datagram sent; B/write: "
+        "receiver's bytes per TUN write; drops: data plane / sending TUN queue / receiver UDP "
+        "buffer"
+    )
+    print(
+        f"targets (issue 9, not enforced): ESP >= {TARGET_X_VETH:.2f}x veth, <= "
+        f"{TARGET_CPU_PER_GB:g} CPU-s/GB, added median RTT <= {TARGET_ADDED_RTT_MS:g} ms"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results}, indent=2) + "\n")
-    return 1 if any("error" in r for r in results) else 0
-
-
-def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-
-    def fmt(cells):
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        Path(args.json).write_text(
+            json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n"
         )
-
-    return [fmt(cols), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
+    if args.plot:
+        why = plot(summary, args.plot, f"simpletun single TCP flow, {os.cpu_count()} CPUs")
+        print(f"plot: {args.plot}" if why is None else f"plot: not drawn: {why}")
+    return 1 if any("error" in s for s in summary) else 0
 
 
 if __name__ == "__main__":

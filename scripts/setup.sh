@@ -10,6 +10,7 @@ APT_PACKAGES=(iperf3 tcpdump iproute2 iputils-ping openssl procps)
 APT_PACKAGES+=(systemd util-linux bsdutils)
 APT_PACKAGES+=(strace) # tests/xfrm/capture.py: what `ip xfrm` sends, as reference vectors
 APT_PACKAGES+=(tshark) # tests/netns/test_ikev2_tcp.py: IKE and ESP decoded by an independent dissector
+APT_PACKAGES+=(gnuplot-nox) # scripts/bench_tunnel.py --plot: the benchmark table as a PNG
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -412,7 +412,8 @@ def _report(tunnel) -> None:
         log.info("no session; %d session(s) so far", tunnel.sessions if tunnel else 0)
     else:
         log.info("%s (up %.1f s, %s)", sess.counters_line(), sess.duration, sess.describe())
-    dp = getattr(tunnel, "dp", None)
+    # A datagram tunnel holds its data plane; a TCP session's is its plane's.
+    dp = getattr(tunnel, "dp", None) or getattr(getattr(sess, "pump", None), "dp", None)
     if dp is not None:
         log.info("data plane: %s", io_line(dp.stats, getattr(tunnel.device, "offloads", None)))
 

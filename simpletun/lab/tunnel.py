@@ -104,8 +104,11 @@ class TunnelPair:
         server_args: tuple[str, ...] = (),
         client_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        cmd: str | None = None,
     ):
         self.lab = lab
+        # The simpletun command (another checkout's, for before/after benchmarks).
+        self.cmd = cmd or simpletun_cmd()
         # Extra environment of both ends (e.g. SIMPLETUN_OFFLOADS=0), on top of ours.
         self.env = {**os.environ, **env} if env else None
         self.tap = tap
@@ -135,14 +138,14 @@ class TunnelPair:
         return argv
 
     def start_server(self) -> Proc:
-        argv = [simpletun_cmd(), *self._common(self.key_a), "-s", "-p", str(self.port)]
+        argv = [self.cmd, *self._common(self.key_a), "-s", "-p", str(self.port)]
         argv += ["--addr", f"{TUN_A_ADDR}/24", *self.server_args]
         self.server = self.lab.spawn(self.lab.ns_a, argv, name="server", env=self.env)
         self.server.wait_for_output(r"listening on TCP port", timeout=15)
         return self.server
 
     def start_client(self) -> Proc:
-        argv = [simpletun_cmd(), *self._common(self.key_b), "-c", self.client_host]
+        argv = [self.cmd, *self._common(self.key_b), "-c", self.client_host]
         argv += ["-p", str(self.client_port), "--addr", f"{TUN_B_ADDR}/24", *self.client_args]
         self.client = self.lab.spawn(self.lab.ns_b, argv, name="client", env=self.env)
         return self.client

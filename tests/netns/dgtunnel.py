@@ -36,11 +36,11 @@ class DatagramPair(TunnelPair):
 
     def start_server(self):
         try:
-            from .tunnel import TUN_A_ADDR, simpletun_cmd
+            from .tunnel import TUN_A_ADDR
         except ImportError:
-            from tunnel import TUN_A_ADDR, simpletun_cmd  # type: ignore[no-redef]
+            from tunnel import TUN_A_ADDR  # type: ignore[no-redef]
 
-        argv = [simpletun_cmd(), *self._common(self.key_a), "-s", "-p", str(self.port)]
+        argv = [self.cmd, *self._common(self.key_a), "-s", "-p", str(self.port)]
         argv += ["--addr", f"{TUN_A_ADDR}/24"]
         self.server = self.lab.spawn(self.lab.ns_a, argv, name="server", env=self.env)
         self.server.wait_for_output(r"listening on UDP port", timeout=15)
