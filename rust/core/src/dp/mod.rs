@@ -680,17 +680,30 @@ fn bufs() -> Vec<Vec<u8>> {
 /// (buffer, start, wire length, inner length, transport, endpoint) of a batch's packets.
 type Out = (usize, usize, usize, usize, usize, SocketAddr);
 
-/// Route and encapsulate the inner packet at `buf[HEADROOM..HEADROOM + n]` (buffer `i` of the
-/// batch): what to send, or `None` when it was dropped (and counted).
+/// Route and encapsulate the inner packets at `bufs[j][HEADROOM..HEADROOM + lens[j]]`, one
+/// packet or the segments of one super-packet (same addresses, so routed once by the first),
+/// buffer `first + j` of the batch; appends what to send to `out` (what is dropped is
+/// counted). The segments of a super-packet are encapsulated together, their CBC chains
+/// interleaved (`encap_batch_in_place`).
 fn prepare(
     inner: &Inner,
     t: &Tables,
     kind: Kind,
-    i: usize,
-    buf: &mut [u8],
-    n: usize,
-) -> Option<Out> {
-    let pkt = &buf[HEADROOM..HEADROOM + n];
+    first: usize,
+    bufs: &mut [Vec<u8>],
+    lens: &[usize],
+    out: &mut Vec<Out>,
+) {
+    let k = bufs.len().min(lens.len());
+    if k == 0 {
+        return;
+    }
+    let drop_all = |peer: Option<&Peer>, d: Drop| {
+        for _ in 0..k {
+            inner.drop_pkt(peer, d);
+        }
+    };
+    let pkt = &bufs[0][HEADROOM..HEADROOM + lens[0]];
     let (peer, nh) = match kind {
         Kind::Tap => (t.peers.values().next().cloned(), NH_ETHERNET),
         Kind::Tun => match (inner_addrs(pkt), infer_next_header(pkt)) {
@@ -700,69 +713,77 @@ fn prepare(
                     .and_then(|id| t.peers.get(&id).cloned()),
                 nh,
             ),
-            _ => {
-                inner.drop_pkt(None, DropReason::BadInner.into());
-                return None;
-            }
+            _ => return drop_all(None, DropReason::BadInner.into()),
         },
     };
     let Some(peer) = peer else {
-        inner.drop_pkt(None, Drop::NoRoute);
-        return None;
+        return drop_all(None, Drop::NoRoute);
     };
     let Some(ep) = *lock(&peer.endpoint) else {
-        inner.drop_pkt(Some(&peer), Drop::NoEndpoint);
-        return None;
+        return drop_all(Some(&peer), Drop::NoEndpoint);
     };
     let (plaintext, max) = t
         .transports
         .get(peer.transport)
         .map_or((false, MAX_PACKET), |tr| (tr.plaintext(), tr.max_payload()));
-    if (if plaintext { n } else { encap_len(n) }) > max {
-        inner.drop_pkt(Some(&peer), DropReason::Oversize.into());
-        return None;
+    let n_max = lens[..k].iter().copied().max().unwrap_or(0);
+    if (if plaintext { n_max } else { encap_len(n_max) }) > max {
+        return drop_all(Some(&peer), DropReason::Oversize.into());
     }
     if plaintext {
-        add(&peer.traffic.tx_packets, 1);
-        add(&peer.traffic.tx_bytes, n as u64);
-        add(&peer.traffic.wire_tx_bytes, n as u64);
-        return Some((i, HEADROOM, n, n, peer.transport, ep));
+        for (j, &n) in lens[..k].iter().enumerate() {
+            add(&peer.traffic.tx_packets, 1);
+            add(&peer.traffic.tx_bytes, n as u64);
+            add(&peer.traffic.wire_tx_bytes, n as u64);
+            out.push((first + j, HEADROOM, n, n, peer.transport, ep));
+        }
+        return;
     }
     let mut o = lock(&peer.out);
     let Some(osa) = o.as_mut() else {
         drop(o);
-        inner.drop_pkt(Some(&peer), Drop::NoSa);
+        drop_all(Some(&peer), Drop::NoSa);
         if !peer.no_sa_reported.swap(true, Ordering::Relaxed) {
             inner.event(Event::NoSa { peer: peer.id });
         }
-        return None;
+        return;
     };
-    // The ESP packet starts HEADROOM - PAYLOAD_OFFSET = 0 bytes into the buffer.
-    match osa.sa.encap_in_place(buf, n, nh) {
-        Ok(len) => {
-            let (seq, bytes) = (osa.sa.tx_seq(), osa.sa.stats().encap_bytes);
-            if !osa.warned && (seq >= osa.soft_seq || bytes >= osa.soft_bytes) {
-                osa.warned = true;
-                inner.event(Event::SaLimit {
-                    peer: peer.id,
-                    spi: osa.sa.spi(),
-                    seq,
-                    bytes,
-                });
-            }
-            drop(o);
-            add(&peer.traffic.tx_packets, 1);
-            add(&peer.traffic.tx_bytes, n as u64);
-            add(&peer.traffic.wire_tx_bytes, len as u64);
-            Some((i, 0, len, n, peer.transport, ep))
-        }
-        Err(_) => {
-            drop(o);
+    // Each ESP packet starts HEADROOM - PAYLOAD_OFFSET = 0 bytes into its buffer.
+    let nhs = [nh; BATCH];
+    let mut wire = [0usize; BATCH];
+    let k = k.min(BATCH);
+    let Ok(done) =
+        osa.sa
+            .encap_batch_in_place(&mut bufs[..k], &lens[..k], &nhs[..k], &mut wire[..k])
+    else {
+        // A buffer too small for its ESP packet: BUF_LEN leaves room for the largest.
+        drop(o);
+        return drop_all(Some(&peer), DropReason::Oversize.into());
+    };
+    let (seq, bytes) = (osa.sa.tx_seq(), osa.sa.stats().encap_bytes);
+    if !osa.warned && (seq >= osa.soft_seq || bytes >= osa.soft_bytes) {
+        osa.warned = true;
+        inner.event(Event::SaLimit {
+            peer: peer.id,
+            spi: osa.sa.spi(),
+            seq,
+            bytes,
+        });
+    }
+    drop(o);
+    for j in 0..done {
+        add(&peer.traffic.tx_packets, 1);
+        add(&peer.traffic.tx_bytes, lens[j] as u64);
+        add(&peer.traffic.wire_tx_bytes, wire[j] as u64);
+        out.push((first + j, 0, wire[j], lens[j], peer.transport, ep));
+    }
+    if done < k {
+        // The sequence numbers ran out.
+        for _ in done..k {
             inner.drop_pkt(Some(&peer), DropReason::SeqExhausted.into());
-            if !peer.no_sa_reported.swap(true, Ordering::Relaxed) {
-                inner.event(Event::NoSa { peer: peer.id });
-            }
-            None
+        }
+        if !peer.no_sa_reported.swap(true, Ordering::Relaxed) {
+            inner.event(Event::NoSa { peer: peer.id });
         }
     }
 }
@@ -888,11 +909,15 @@ fn device_loop(inner: &Inner) -> String {
                     }
                 }
             };
-            for j in i..i + k {
-                if let Some(o) = prepare(inner, &t, kind, j, &mut bufs[j], lens[j]) {
-                    out.push(o);
-                }
-            }
+            prepare(
+                inner,
+                &t,
+                kind,
+                i,
+                &mut bufs[i..i + k],
+                &lens[i..i + k],
+                &mut out,
+            );
             i += k;
         }
         // One send per transport in use.
