@@ -1,7 +1,7 @@
 """Tunnel benchmark: one TCP flow (iperf3) and ping RTT between two namespaces, over the bare
 veth and through simpletun: ESP over TCP, ESP-in-UDP and raw ESP (tunnel MTU 1400 on the
-datagram transports so that the outer packets fit the 1500-byte veth), each datagram transport
-with offloads (TUN TSO/GRO, UDP GSO/GRO) and without (``SIMPLETUN_OFFLOADS=0``), and, with
+datagram transports so that the outer packets fit the 1500-byte veth), each with offloads (TUN
+TSO/GRO, and UDP GSO/GRO) and without (``SIMPLETUN_OFFLOADS=0``), and, with
 ``--base DIR``, the same transports run by another checkout's simpletun (e.g. main before a
 change).
 
@@ -58,7 +58,8 @@ def configs(key: Path, base_cmd: str | None, only: list[str] | None) -> list[dic
     raw = {**esp, "transport": "raw", "mtu": 1400}
     rows = [
         {"name": "bare veth", "kw": None},
-        {"name": "ESP/TCP", "kw": esp},
+        {"name": "ESP/TCP offloads", "kw": esp},
+        {"name": "ESP/TCP no offloads", "kw": esp, "env": OFF},
         {"name": "ESP/UDP offloads", "kw": udp},
         {"name": "ESP/UDP no offloads", "kw": udp, "env": OFF},
         {"name": "raw ESP offloads", "kw": raw},

@@ -259,15 +259,12 @@ class Config:
 
     @property
     def offloads(self) -> bool:
-        """Use offloads on the userspace data plane of the datagram transports: a TUN device
-        with vnet headers (TSO/USO super-packets split and coalesced by the data plane) and UDP
-        GSO/GRO on the socket; unless SIMPLETUN_OFFLOADS=0 is in the environment (for
-        comparisons, or captures that need one ESP packet per frame)."""
-        return (
-            self.transport in ("udp", "raw")
-            and self.dataplane == "userspace"
-            and os.environ.get("SIMPLETUN_OFFLOADS", "1") != "0"
-        )
+        """Use offloads on the userspace data plane: a TUN device with vnet headers (TSO/USO
+        super-packets split into MTU-sized packets and received segments coalesced by the data
+        plane, whatever the transport) and UDP GSO/GRO on the udp transport's socket; unless
+        SIMPLETUN_OFFLOADS=0 is in the environment (for comparisons, or captures that need one
+        ESP packet per frame)."""
+        return self.dataplane == "userspace" and os.environ.get("SIMPLETUN_OFFLOADS", "1") != "0"
 
     @property
     def max_frame(self) -> int:

@@ -136,6 +136,16 @@ def test_config_rejects_bad_values(kw, msg):
         Config(**kw)
 
 
+def test_offloads_on_the_userspace_data_plane_unless_switched_off(monkeypatch):
+    monkeypatch.delenv("SIMPLETUN_OFFLOADS", raising=False)
+    for transport in ("tcp", "udp", "raw"):
+        assert Config(server=True, key=KEY, transport=transport).offloads
+    kernel = Config(server=True, transport="udp", manual_keys="x", dataplane="kernel")
+    assert not kernel.offloads
+    monkeypatch.setenv("SIMPLETUN_OFFLOADS", "0")
+    assert not Config(server=True, key=KEY, transport="udp").offloads
+
+
 def test_backoff_doubles_from_100ms_to_a_2s_cap():
     c = Config(server=True)
     assert [c.backoff(n) for n in range(8)] == [0, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]

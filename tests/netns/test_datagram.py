@@ -11,7 +11,6 @@ import pytest
 
 from .dgtunnel import DatagramPair, add_ipv6_outer, decode_esp
 from .lab import TUN_A_ADDR, VETH_A, Capture, wait_until
-from .tunnel import io_counters
 
 pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("tunnel_ready")]
 
@@ -29,7 +28,7 @@ def test_datagram_tunnel_ping_transfer_and_wire(
         add_ipv6_outer(lab)
     # With UDP GSO a captured frame holds a run of ESP packets (segmented after the capture
     # point), which tcpdump decodes as one: this capture runs without offloads; the offload
-    # path is test_tunnel_moves_super_packets_through_offloads.
+    # path is test_offloads.py.
     env = {"SIMPLETUN_OFFLOADS": "0"} if transport == "udp" else None
     t = DatagramPair(lab, transport=transport, ipv6=ipv6, key_a=keys[0], mtu=1400, env=env)
     t.start(timeout=20)
@@ -71,34 +70,6 @@ def test_datagram_tunnel_ping_transfer_and_wire(
         f"{transport} {'IPv6' if ipv6 else 'IPv4'} outer: ping 5/5, 50 MiB SHA-256 equal; "
         f"capture of {len(rows)} packets, all tcpdump-decoded {want.rstrip('(')} with "
         f"gap-free seqs on SPIs {', '.join(hex(s) for s in by_spi)}; marker absent"
-    )
-
-
-@pytest.mark.parametrize("transport", ["udp", "raw"])
-def test_tunnel_moves_super_packets_through_offloads(lab, keys, checked, transport):
-    """One TCP flow through a udp / raw ESP tunnel with offloads: SHA-256-equal 50 MiB, and
-    the devices really moved super-packets: the sender's TUN reads average more than the MTU
-    (TSO super-packets split before ESP), the receiver's writes too (segments coalesced),
-    while every datagram stays below the MTU plus ESP overhead."""
-    mtu = 1400
-    t = DatagramPair(lab, transport=transport, key_a=keys[0], mtu=mtu)
-    t.start(timeout=20)
-    tx, rx = t.transfer(50 * 1024 * 1024, timeout=120)
-    assert tx["sha256"] == rx["sha256"] and rx["bytes"] == 50 * 1024 * 1024
-    snd, rcv = io_counters(t.client), io_counters(t.server)
-    t.stop()
-    assert "tso" in str(snd["offloads"]), snd
-    assert snd["dev_read_super"] > 0 and snd["dev_read_bytes"] / snd["dev_reads"] > mtu, snd
-    assert rcv["dev_write_super"] > 0 and rcv["dev_write_bytes"] / rcv["dev_writes"] > mtu, rcv
-    per_dgram = snd["wire_tx_bytes"] / snd["wire_tx_packets"]
-    assert per_dgram <= mtu + 100, snd
-    assert not {k for k in (*snd, *rcv) if k.startswith("drop_")}, (snd, rcv)
-    checked.append(
-        f"{transport} with offloads ({snd['offloads']}): 50 MiB SHA-256 equal, no drops; "
-        f"sender {snd['dev_read_bytes'] / snd['dev_reads']:.0f} B per TUN read "
-        f"({snd['dev_read_super']} super-packets), {per_dgram:.0f} B per datagram; receiver "
-        f"{rcv['dev_write_bytes'] / rcv['dev_writes']:.0f} B per TUN write "
-        f"({rcv['dev_write_super']} coalesced)"
     )
 
 
