@@ -146,6 +146,18 @@ def test_offloads_on_the_userspace_data_plane_unless_switched_off(monkeypatch):
     assert not Config(server=True, key=KEY, transport="udp").offloads
 
 
+def test_refused_tun_offloads_are_logged_once(monkeypatch, caplog):
+    from simpletun import netdev
+
+    monkeypatch.setattr(netdev, "_offloads_logged", False)
+    with caplog.at_level(logging.INFO, logger="simpletun.netdev"):
+        netdev._log_offloads("csum+tso+uso")  # all accepted: nothing to say
+        netdev._log_offloads("csum+tso")
+        netdev._log_offloads("none")
+    said = [r.getMessage() for r in caplog.records if "TUN offloads" in r.getMessage()]
+    assert said == ["TUN offloads: the kernel accepted csum+tso of csum+tso+uso"]
+
+
 def test_backoff_doubles_from_100ms_to_a_2s_cap():
     c = Config(server=True)
     assert [c.backoff(n) for n in range(8)] == [0, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
