@@ -167,6 +167,10 @@ fn tso_super_packet_is_split_before_esp() {
         got.extend_from_slice(&s[40..]);
     }
     assert_eq!(got, d);
+    // Counters follow the sends: wait for them rather than race the receiver.
+    eventually("A's wire counter", || {
+        counter(a.dp.io().entries(), "wire_tx_packets") == 10
+    });
     let io = a.dp.io().entries();
     assert_eq!(counter(io.clone(), "dev_reads"), 1);
     assert_eq!(counter(io.clone(), "dev_read_super"), 1);
@@ -216,6 +220,10 @@ fn segments_of_one_batch_are_coalesced_for_the_device() {
     let other = b.dev.take(T).expect("the UDP packet");
     assert_eq!(&other[..HZ], &[0u8; HZ]);
     assert_eq!(&other[HZ..], &udp[..]);
+    // Counters follow the device writes: wait for them rather than race the writer.
+    eventually("B's write counters", || {
+        counter(b.dp.io().entries(), "dev_writes") == 2
+    });
     let io = b.dp.io().entries();
     assert_eq!(counter(io.clone(), "dev_writes"), 2);
     assert_eq!(counter(io.clone(), "dev_write_super"), 1);
@@ -275,6 +283,9 @@ fn malformed_vnet_headers_are_counted() {
         ));
     }
     let bad_n = bad.len() as u64;
+    eventually("A's send counters", || {
+        a.dp.totals().get("tx_packets") == Some(3)
+    });
     assert_eq!(a.dp.totals().get("drop_bad_vnet"), Some(bad_n));
     assert_eq!(a.dp.totals().get("tx_packets"), Some(3));
 }
