@@ -340,17 +340,23 @@ def open_device(
     offload: bool = False,
 ) -> Device:
     """Open (creating if needed) and configure the device; DeviceError if either fails.
-    ``offload`` (TUN only, for the userspace data plane on datagram transports): open it with
-    vnet headers and TSO/USO so that reads and writes move super-packets of up to 64 KiB."""
+    ``offload`` (TUN only, for the userspace data plane): open it with vnet headers and
+    TSO/USO so that reads and writes move super-packets of up to 64 KiB; a kernel that refuses
+    vnet headers gets a plain device."""
     from simpletun._core import open_tun, open_tun_offload
 
     routes = expand_routes(routes)
     offloads = None
     try:
+        opened = None
         if offload and not tap:
-            fd, name, created, offloads = open_tun_offload(ifname)
-            _log_offloads(offloads)
-        else:
+            try:
+                fd, name, created, offloads = opened = open_tun_offload(ifname)
+                _log_offloads(offloads)
+            except DeviceError as e:
+                # A kernel without IFF_VNET_HDR; a real problem fails again just below.
+                log.debug("TUN offloads: opening %s with vnet headers failed (%s)", ifname, e)
+        if opened is None:
             fd, name, created = open_tun(ifname, tap)
     except DeviceError:
         raise
