@@ -140,7 +140,9 @@ def test_offloads_on_the_userspace_data_plane_unless_switched_off(monkeypatch):
     monkeypatch.delenv("SIMPLETUN_OFFLOADS", raising=False)
     for transport in ("tcp", "udp", "raw"):
         assert Config(server=True, key=KEY, transport=transport).offloads
-    kernel = Config(server=True, transport="udp", manual_keys="x", dataplane="kernel")
+    kernel = Config(
+        server=False, host="192.0.2.9", transport="udp", manual_keys="x", dataplane="kernel"
+    )
     assert not kernel.offloads
     monkeypatch.setenv("SIMPLETUN_OFFLOADS", "0")
     assert not Config(server=True, key=KEY, transport="udp").offloads
