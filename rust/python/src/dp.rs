@@ -97,11 +97,13 @@ impl PyDataPlane {
     }
 
     /// Add an ESP-in-UDP transport on (a duplicate of) a bound UDP socket; returns its id.
-    /// `offload`: UDP GSO on send and GRO on receive where the kernel has them.
-    #[pyo3(signature = (sock_fd, *, offload=true))]
-    fn add_udp(&self, sock_fd: i32, offload: bool) -> PyResult<usize> {
+    /// `offload`: UDP GSO on send and GRO on receive where the kernel has them; by default
+    /// when the device has offloads (vnet headers), so that one choice made when the device
+    /// is opened (`Config.offloads`) holds for both.
+    #[pyo3(signature = (sock_fd, *, offload=None))]
+    fn add_udp(&self, sock_fd: i32, offload: Option<bool>) -> PyResult<usize> {
         let mut t = UdpTransport::from_fd(sock_fd).map_err(start_error)?;
-        if !offload {
+        if !offload.unwrap_or(self.dp.vnet_hdr_len() > 0) {
             t = t.without_offloads();
         }
         self.dp.add_transport(Arc::new(t)).map_err(start_error)

@@ -49,8 +49,8 @@ pub use transport::{Datagram, Transport, TransportKind};
 
 use crate::drop::DropReason;
 use crate::esp::{
-    encap_len, infer_next_header, SaStats, SecurityAssociation, NH_ETHERNET, NH_IPV4, NH_IPV6,
-    NH_NONE, PAYLOAD_OFFSET,
+    encap_len, infer_next_header, EncapError, SaStats, SecurityAssociation, NH_ETHERNET, NH_IPV4,
+    NH_IPV6, NH_NONE, PAYLOAD_OFFSET,
 };
 use crate::offload::{self, Gro, GroOut, VnetHdr};
 use crate::proto::{NAT_KEEPALIVE, NON_ESP_MARKER};
@@ -752,10 +752,21 @@ fn prepare(
     let nhs = [nh; BATCH];
     let mut wire = [0usize; BATCH];
     let k = k.min(BATCH);
-    let Ok(done) =
+    // One packet takes the serial path (the batch's lane set-up does not pay for one lane).
+    let r = if k == 1 {
+        match osa.sa.encap_in_place(&mut bufs[0], lens[0], nh) {
+            Ok(len) => {
+                wire[0] = len;
+                Ok(1)
+            }
+            Err(EncapError::SeqExhausted { .. }) => Ok(0),
+            Err(e) => Err(e),
+        }
+    } else {
         osa.sa
             .encap_batch_in_place(&mut bufs[..k], &lens[..k], &nhs[..k], &mut wire[..k])
-    else {
+    };
+    let Ok(done) = r else {
         // A buffer too small for its ESP packet: BUF_LEN leaves room for the largest.
         drop(o);
         return drop_all(Some(&peer), DropReason::Oversize.into());
