@@ -201,6 +201,16 @@ def test_ikev2_over_tcp_invocations_parse(keyfile):
     assert classic.transport == "tcp" and classic.ike is None
 
 
+def test_ikev2_on_the_kernel_data_plane_parses_and_its_limits_are_one_line(keyfile, tmp_path):
+    base = ["-i", "tun7", "--key", keyfile, "--key-exchange", "ikev2", "--dataplane", "kernel"]
+    cl, _ = cli.parse_args([*base, "-c", "127.0.0.1"])
+    assert (cl.dataplane, cl.transport) == ("kernel", "udp")
+    with pytest.raises(cli.UsageError, match="runs ESP-in-UDP: drop --transport raw"):
+        cli.parse_args([*base, "-c", "127.0.0.1", "--transport", "raw"])
+    with pytest.raises(cli.UsageError, match="negotiates its keys: drop --manual-keys"):
+        cli.parse_args([*base, "-c", "127.0.0.1", "--manual-keys", str(tmp_path / "k")])
+
+
 def test_simpletun_c_style_flags_parse():
     # getopt style: combined flags and attached values, as simpletun.c accepted
     config, debug = cli.parse_args(["-itun0", "-sdu", "-p4000", "--plaintext"])

@@ -428,6 +428,10 @@ def test_ikev2_file_with_three_peers(tmp_path):
          'must be "psk" or "ed25519"'),
         ('listen_port = 500\n[[peer]]\nidentity = "b"\nallowed_ips = ["10.9.1.0/24"]\n',
          "does not apply"),
+        ('dataplane = "kernel"\ntransport = "raw"\n[[peer]]\nidentity = "b"\n'
+         'allowed_ips = ["10.9.1.0/24"]\npsk_file = "PSK"\n', "runs ESP-in-UDP"),
+        ('dataplane = "kernel"\n[[peer]]\nidentity = "b"\nallowed_ips = ["10.9.1.0/24"]\n'
+         'psk_file = "PSK"\nrekey_packets = 5000\n', "rekeys by rekey_time"),
     ],
 )  # fmt: skip
 def test_ikev2_file_errors_are_one_line(tmp_path, extra, message):
