@@ -807,6 +807,27 @@ struct Pending {
     next: usize,
 }
 
+/// One device read into `buf`, counted (`hz`: the vnet header's size, not counted as bytes);
+/// `Err` is why the device thread ends.
+#[inline]
+fn read_device(
+    dev: &dyn Device,
+    buf: &mut [u8],
+    io: &Io,
+    hz: usize,
+) -> Result<Option<usize>, String> {
+    match dev.recv(buf) {
+        Ok(Some(n)) => {
+            add(&io.dev_reads, 1);
+            add(&io.dev_read_bytes, n.saturating_sub(hz) as u64);
+            Ok(Some(n))
+        }
+        Ok(None) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err("device closed".into()),
+        Err(e) => Err(format!("device error: {e}")),
+    }
+}
+
 /// Device → transports. On a vnet-header device each read may be a TSO/USO super-packet,
 /// split here into MTU-sized packets (checksums completed) before encapsulation; its segments
 /// travel in order in one batch (or the next, when the batch is full).
@@ -854,32 +875,27 @@ fn device_loop(inner: &Inner) -> String {
         let mut i = 0;
         while i < BATCH {
             let k = if hz == 0 {
-                let n = match dev.recv(&mut bufs[i][HEADROOM..HEADROOM + MAX_PACKET]) {
+                let n = match read_device(
+                    &*dev,
+                    &mut bufs[i][HEADROOM..HEADROOM + MAX_PACKET],
+                    io,
+                    0,
+                ) {
                     Ok(Some(n)) => n,
                     Ok(None) => break,
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        return "device closed".into()
-                    }
-                    Err(e) => return format!("device error: {e}"),
+                    Err(why) => return why,
                 };
-                add(&io.dev_reads, 1);
-                add(&io.dev_read_bytes, n as u64);
                 lens[i] = n;
                 1
             } else {
                 let p = match pending.take() {
                     Some(p) => p,
                     None => {
-                        let n = match dev.recv(&mut raw) {
+                        let n = match read_device(&*dev, &mut raw, io, hz) {
                             Ok(Some(n)) => n,
                             Ok(None) => break,
-                            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                                return "device closed".into()
-                            }
-                            Err(e) => return format!("device error: {e}"),
+                            Err(why) => return why,
                         };
-                        add(&io.dev_reads, 1);
-                        add(&io.dev_read_bytes, n.saturating_sub(hz) as u64);
                         match VnetHdr::parse(&raw[..n], hz) {
                             Ok(hdr) => Pending {
                                 hdr,
