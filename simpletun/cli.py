@@ -30,9 +30,11 @@ from simpletun.config import (
     check_ifname,
     check_mtu,
     check_port,
+    check_queues,
     check_route,
     check_transport,
     default_mtu,
+    max_queues,
 )
 from simpletun.handshake import DEFAULT_CIPHER
 from simpletun.ratelimit import RateLimitFilter
@@ -77,6 +79,9 @@ Usage:
                    handshake, for either data plane; udp/raw only
   --peer HOST      server with --manual-keys: the client's address (required with --dataplane
                    kernel; without it the userspace server learns it from the first packet)
+  --queues N       userspace data plane: open the device with N queues (IFF_MULTI_QUEUE), one
+                   device thread each, so several flows encrypt on several CPUs (1-#CPUs,
+                   default 1)
   --route CIDR     route this prefix through the tunnel, e.g. 10.1.0.0/16 (may be repeated);
                    kept in place while the tunnel runs (also across reconnects), removed on exit
 
@@ -142,6 +147,7 @@ _METAVARS = {
     "--dataplane": "DP",
     "--manual-keys": "FILE",
     "--peer": "HOST",
+    "--queues": "N",
 }
 
 
@@ -176,6 +182,7 @@ _ifname = _checked(check_ifname)
 _host = _checked(check_host)
 _transport = _checked(check_transport)
 _dataplane = _checked(check_dataplane)
+_queues = _checked(check_queues, _number("queues", 1, max_queues()))
 
 
 def _parser() -> _Parser:
@@ -200,6 +207,7 @@ def _parser() -> _Parser:
     p.add_argument("--dataplane", type=_dataplane, default="userspace")
     p.add_argument("--manual-keys", dest="manual_keys")
     p.add_argument("--peer", dest="peer", type=_host)
+    p.add_argument("--queues", dest="queues", type=_queues, default=1)
     return p
 
 
@@ -268,7 +276,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         return Config(
             server=True, ifname=ns.ifname, host=ike.local_ip, port=ns.port, tap=ns.tap,
             mtu=ns.mtu, addresses=tuple(ns.addrs), routes=tuple(ns.routes), transport=transport,
-            ike=ike, dataplane=ns.dataplane,
+            ike=ike, dataplane=ns.dataplane, queues=ns.queues,
         ), ns.debug  # fmt: skip
     ns.transport = ns.transport or "tcp"
     if ns.port is None:
@@ -291,6 +299,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool] | None:
         dataplane=ns.dataplane,
         manual_keys=ns.manual_keys,
         peer=ns.peer,
+        queues=ns.queues,
     ), ns.debug
 
 

@@ -122,6 +122,30 @@ def check_port(value: int, *, server: bool = False) -> int:
     return value
 
 
+def max_queues() -> int:
+    """Most device queues: one device thread each, so no more than the CPUs this process may
+    run on (at most 64)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_QUEUES))
+
+
+MAX_QUEUES = 64
+
+
+def check_queues(value: int) -> int:
+    """``queues``/``--queues``: TUN queues (IFF_MULTI_QUEUE), one data-plane device thread each."""
+    top = max_queues()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+        raise ConfigError(
+            f"queues must be 1-{top} (one device thread per queue, at most one per CPU: "
+            f"this machine has {top}), got {value!r}"
+        )
+    return value
+
+
 def check_mtu(value: int) -> int:
     if not MIN_MTU <= value <= MAX_MTU:
         raise ConfigError(f"MTU must be {MIN_MTU}-{MAX_MTU}, got {value}")
@@ -200,9 +224,17 @@ class Config:
     # Manual keys, server: the client's fixed address (no handshake to learn it); the client's
     # is ``host``. Optional on the userspace data plane (learnt from the first authentic packet).
     peer: str | None = None
+    # TUN/TAP queues (IFF_MULTI_QUEUE), one data-plane device thread each; 1: a plain device
+    queues: int = 1
 
     def __post_init__(self) -> None:
         check_ifname(self.ifname)
+        check_queues(self.queues)
+        if self.queues > 1 and self.dataplane == "kernel":
+            raise ConfigError(
+                "--queues is for the userspace data plane (the kernel's xfrm interface has no "
+                "TUN queues): drop --queues or use --dataplane userspace"
+            )
         check_transport(self.transport)
         check_dataplane(self.dataplane)
         if self.dataplane == "kernel" and self.transport == "tcp":

@@ -14,6 +14,7 @@
     mtu = 1400                       # optional
     transport = "tcp"                # or "udp" (ESP-in-UDP, port 4500) or "raw" (ESP)
     dataplane = "userspace"          # or "kernel" (xfrm; udp/raw, needs manual_keys_file)
+    queues = 1                       # userspace: TUN queues, one device thread each (1-#CPUs)
     post_up = ["iptables -A FORWARD -i %i -j ACCEPT"]    # run by /bin/sh; %i = the device
     pre_down = ["iptables -D FORWARD -i %i -j ACCEPT"]
 
@@ -48,6 +49,7 @@ from simpletun.config import (
     check_ifname,
     check_mtu,
     check_port,
+    check_queues,
     check_rekey_limit,
     check_route,
     default_mtu,
@@ -70,6 +72,7 @@ INTERFACE_KEYS = {
     "mtu": int,
     "transport": str,
     "dataplane": str,
+    "queues": int,
     "post_up": list,
     "pre_down": list,
     # IKEv2 (key_exchange = "ikev2"; see README "IKEv2 peers")
@@ -315,6 +318,7 @@ def loads(text: str, path: Path) -> TunnelFile:
     mtu = iface.get("mtu")
     if mtu is not None:
         check("mtu", check_mtu, mtu)
+    queues = _queues(w, iface, check, dataplane)
 
     peers = []
     for i, p in enumerate(peers_raw):
@@ -393,6 +397,7 @@ def loads(text: str, path: Path) -> TunnelFile:
             addresses=addresses,
             routes=routes,
             keepalive=peers[0].persistent_keepalive if peers else None,
+            queues=queues,
         )
     except ConfigFileError:
         raise
@@ -561,8 +566,9 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
     mtu = iface.get("mtu")
     if mtu is not None:
         check("mtu", check_mtu, mtu)
+    queues = _queues(w, iface, check, dataplane)
     config = Config(
-        server=True, ifname=name, host=local_ip, tap=mode == "tap",
+        server=True, ifname=name, host=local_ip, tap=mode == "tap", queues=queues,
         port=listen_port or TCP_PORT if transport == "tcp" else ESP_IN_UDP_PORT,
         mtu=mtu if mtu is not None else default_mtu(transport, local_ip, tap=mode == "tap",
                                                     server=True),
@@ -575,6 +581,18 @@ def _loads_ikev2(w: _Where, path: Path, iface: dict, peers_raw: list, check) -> 
     post_up = tuple(_strings(w, "interface", "post_up", iface.get("post_up", [])))
     pre_down = tuple(_strings(w, "interface", "pre_down", iface.get("pre_down", [])))
     return TunnelFile(path, config, peers, post_up, pre_down, None)
+
+
+def _queues(w: _Where, iface: dict, check, dataplane: str) -> int:
+    """[interface] queues (default 1), for every kind of file."""
+    queues = check("queues", check_queues, iface.get("queues", 1))
+    if queues > 1 and dataplane == "kernel":
+        raise w.error(
+            "interface", "queues",
+            'is for the userspace data plane (the xfrm interface has no TUN queues); '
+            'remove it or set dataplane = "userspace"',
+        )  # fmt: skip
+    return queues
 
 
 def _check_identity(text: str) -> str:

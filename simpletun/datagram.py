@@ -420,7 +420,7 @@ class _Plane:
         from simpletun._core import DataPlane
 
         self.socks = [udp]
-        self.dp = DataPlane(device.fd, tap=tap)
+        self.dp = DataPlane(device.fd, tap=tap, queue_fds=device.queue_fds)
         try:
             self.udp = self.dp.add_udp(udp.fileno(), offload=offload)
             self.raw: dict[int, int] = {}

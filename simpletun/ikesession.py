@@ -545,6 +545,7 @@ async def run(
     tcp: bool = False,
     listener: socket.socket | None = None,
     raw_sock: socket.socket | None = None,
+    queue_fds: list[int] | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the IKE speaker ``ep`` with a DataPlane on ``tun_fd``; ``task_status.started``
@@ -561,7 +562,7 @@ async def run(
     from simpletun.datagram import _events, _watch_done
 
     kw = {k: v for k, v in (("soft_seq", soft_seq), ("soft_bytes", soft_bytes)) if v is not None}
-    dp = DataPlane(tun_fd, tap=tap, **kw)
+    dp = DataPlane(tun_fd, tap=tap, queue_fds=queue_fds or [], **kw)
     try:
         esp = None
         if tcp:
@@ -935,6 +936,7 @@ async def run_config(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 device.name, setup.local_ip, where, len(setup.peers),
             )  # fmt: skip
             kw = {"tcp": tcp, "listener": socks[0] if tcp and socks else None}
+            kw["queue_fds"] = device.queue_fds
             if setup.transport == "raw":
                 kw["raw_sock"] = socks[2]
             async with trio.open_nursery() as n:

@@ -44,6 +44,12 @@ class Device:
     pinned: list[dict] = field(default_factory=list)  # host routes to the peer, kept outside
     # TUN offloads (IFF_VNET_HDR) the kernel accepted, e.g. "csum+tso+uso"; None: not asked
     offloads: str | None = None
+    # A multi-queue device (IFF_MULTI_QUEUE): the descriptors of queues 1.. (``fd`` is queue 0)
+    queue_fds: list[int] = field(default_factory=list)
+
+    @property
+    def queues(self) -> int:
+        return 1 + len(self.queue_fds)
 
     def __str__(self) -> str:
         return self.name
@@ -338,18 +344,34 @@ def open_device(
     addresses: tuple[Address, ...] = (),
     routes: tuple[Network, ...] = (),
     offload: bool = False,
+    queues: int = 1,
 ) -> Device:
     """Open (creating if needed) and configure the device; DeviceError if either fails.
     ``offload`` (TUN only, for the userspace data plane): open it with vnet headers and
     TSO/USO so that reads and writes move super-packets of up to 64 KiB; a kernel that refuses
-    vnet headers gets a plain device."""
-    from simpletun._core import open_tun, open_tun_offload
+    vnet headers gets a plain device. ``queues`` > 1: a multi-queue device (IFF_MULTI_QUEUE),
+    one descriptor per queue."""
+    from simpletun._core import open_tun, open_tun_offload, open_tun_queues
 
     routes = expand_routes(routes)
     offloads = None
+    queue_fds: list[int] = []
     try:
         opened = None
-        if offload and not tap:
+        if queues > 1:
+            try:
+                fds, name, created, offloads = opened = open_tun_queues(
+                    ifname, queues, tap=tap, offload=offload and not tap
+                )
+            except DeviceError as e:
+                if not offload or tap:
+                    raise
+                log.debug("TUN offloads: opening %s with vnet headers failed (%s)", ifname, e)
+                fds, name, created, offloads = opened = open_tun_queues(ifname, queues, tap=tap)
+            if offloads is not None:
+                _log_offloads(offloads)
+            fd, queue_fds = fds[0], fds[1:]
+        elif offload and not tap:
             try:
                 fd, name, created, offloads = opened = open_tun_offload(ifname)
                 _log_offloads(offloads)
@@ -367,10 +389,13 @@ def open_device(
     try:
         done = configure(name, mtu=mtu, addresses=addresses, routes=routes, mac=mac)
     except BaseException:
-        os.close(fd)
+        for q in (fd, *queue_fds):
+            os.close(q)
         raise
     kind = "TAP" if tap else "TUN"
     log.debug("%s device %s %s, mtu %d", kind, name, "created" if created else "attached", mtu)
+    if queue_fds:
+        log.info("%s device %s: %d queues", kind, name, 1 + len(queue_fds))
     return Device(
         fd=fd,
         name=name,
@@ -383,6 +408,7 @@ def open_device(
         routes=routes,
         routes_added=done.routes,
         offloads=offloads,
+        queue_fds=queue_fds,
     )
 
 
@@ -409,9 +435,7 @@ def repair_device(dev: Device) -> None:
 
 def reopen_device(dev: Device) -> Device:
     """After the device was deleted: close our descriptor and open and configure it anew."""
-    if dev.fd >= 0:
-        os.close(dev.fd)
-        dev.fd = -1
+    _close_fds(dev)
     new = open_device(
         dev.name,
         tap=dev.tap,
@@ -419,10 +443,20 @@ def reopen_device(dev: Device) -> Device:
         addresses=dev.addresses,
         routes=dev.routes,
         offload=dev.offloads is not None,
+        queues=dev.queues,
     )
     new.created = new.created or dev.created
     new.pinned = dev.pinned
     return new
+
+
+def _close_fds(dev: Device) -> None:
+    for q in dev.queue_fds:
+        os.close(q)
+    dev.queue_fds = []
+    if dev.fd >= 0:
+        os.close(dev.fd)
+        dev.fd = -1
 
 
 def close_device(dev: Device) -> None:
@@ -440,6 +474,4 @@ def close_device(dev: Device) -> None:
             remove_addresses(dev.name, dev.added)
         except Exception as e:  # cleanup must not mask the real exit path
             log.debug("%s: clean-up failed: %s", dev.name, e)
-    if dev.fd >= 0:
-        os.close(dev.fd)
-        dev.fd = -1
+    _close_fds(dev)

@@ -22,6 +22,7 @@ log = logging.getLogger("simpletun.service")
 # Changes a reload cannot apply to a running tunnel (they need `down` + `up`).
 RESTART_FIELDS = (
     "server", "ifname", "host", "port", "tap", "key", "cipher", "mtu", "addresses", "transport",
+    "queues",
 )  # fmt: skip
 
 

@@ -70,7 +70,7 @@ class TcpPlane:
         from simpletun._core import DataPlane
 
         self.reason: str | None = None
-        self.dp = DataPlane(device.fd, tap=config.tap)
+        self.dp = DataPlane(device.fd, tap=config.tap, queue_fds=device.queue_fds)
         try:
             t = self.dp.add_tcp(config.max_frame, plaintext=result is None, control=False)
             try:
@@ -612,6 +612,7 @@ def _open(config: Config):
             addresses=config.addresses,
             routes=config.routes,
             offload=config.offloads,
+            queues=config.queues,
         )
     except BaseException:
         for pin in pinned:

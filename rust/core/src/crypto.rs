@@ -192,10 +192,25 @@ impl IvGenerator {
     /// this encrypted; batched encapsulation encrypts several at once.
     pub fn next_nonce(&mut self) -> [u8; IV_LEN] {
         self.counter = self.counter.wrapping_add(1);
+        self.nonce_at(self.counter)
+    }
+
+    /// The nonce block of counter value `counter` (the counter itself is not moved): threads
+    /// sharing one SA each encrypt the nonces of the counter values they reserved.
+    pub fn nonce_at(&self, counter: u64) -> [u8; IV_LEN] {
         let mut block = [0u8; IV_LEN];
         block[..8].copy_from_slice(&self.salt);
-        block[8..].copy_from_slice(&self.counter.to_be_bytes());
+        block[8..].copy_from_slice(&counter.to_be_bytes());
         block
+    }
+
+    /// The last counter value used (0: none yet).
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
+    pub(crate) fn counter_mut(&mut self) -> &mut u64 {
+        &mut self.counter
     }
 }
 

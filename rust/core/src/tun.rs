@@ -4,6 +4,11 @@
 //! is exactly one IP packet or Ethernet frame) and the file descriptor is non-blocking and
 //! close-on-exec. A device that did not exist before [`open`] is created by it and, unless made
 //! persistent, disappears when the descriptor is closed.
+//!
+//! [`open_queues`] opens a multi-queue device (`IFF_MULTI_QUEUE`): one descriptor per queue,
+//! each attached with its own `TUNSETIFF`. The kernel picks the queue a packet is read from
+//! by its flow hash, so one flow's packets come from one queue, in order; a write on any
+//! queue is received alike. The device goes when its last queue is closed.
 
 use std::ffi::CStr;
 use std::fmt;
@@ -158,16 +163,58 @@ impl From<Tun> for OwnedFd {
 /// Open (creating if needed) the TUN or TAP device `name`. An empty name or one containing
 /// `%d` lets the kernel choose (e.g. `tun%d` → `tun0`).
 pub fn open(name: &str, kind: Kind) -> io::Result<Tun> {
-    open_flags(name, kind, false)
+    open_flags(name, kind, false, false)
 }
 
 /// Open (creating if needed) the TUN device `name` with `IFF_VNET_HDR` and as many offloads
 /// as the kernel accepts (see [`Tun::offloads`]). For TAP devices this is [`open`].
 pub fn open_offload(name: &str, kind: Kind) -> io::Result<Tun> {
-    open_flags(name, kind, kind == Kind::Tun)
+    open_flags(name, kind, kind == Kind::Tun, false)
 }
 
-fn open_flags(name: &str, kind: Kind, vnet: bool) -> io::Result<Tun> {
+/// Most queues [`open_queues`] opens (the kernel's `MAX_TAP_QUEUES` is 256).
+pub const MAX_QUEUES: usize = 256;
+
+/// Open (creating if needed) the TUN or TAP device `name` with `queues` queues: one
+/// descriptor each, in queue order. One queue is [`open`] / [`open_offload`] (`offload`, TUN
+/// only) exactly, without `IFF_MULTI_QUEUE`; more open the device with `IFF_MULTI_QUEUE`
+/// (a pre-existing single-queue device refuses that: `EINVAL`), all with the same flags and
+/// offloads. `Tun::created` of every queue says whether the first one created the device.
+pub fn open_queues(name: &str, kind: Kind, offload: bool, queues: usize) -> io::Result<Vec<Tun>> {
+    let vnet = offload && kind == Kind::Tun;
+    if queues <= 1 {
+        return Ok(vec![open_flags(name, kind, vnet, false)?]);
+    }
+    if queues > MAX_QUEUES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{queues} queues asked for; a TUN/TAP device has at most {MAX_QUEUES}"),
+        ));
+    }
+    let first = open_flags(name, kind, vnet, true)?;
+    let mut v = Vec::with_capacity(queues);
+    for _ in 1..queues {
+        // Later queues attach to the device the first one named (a `%d` pattern resolved);
+        // TUNSETOFFLOAD is device-wide, set once by the first.
+        let mut t = open_flags_only(first.name(), kind, vnet, true)?;
+        t.created = first.created;
+        t.offloads = first.offloads;
+        v.push(t);
+    }
+    v.insert(0, first);
+    Ok(v)
+}
+
+fn open_flags(name: &str, kind: Kind, vnet: bool, multi: bool) -> io::Result<Tun> {
+    let mut t = open_flags_only(name, kind, vnet, multi)?;
+    if vnet {
+        t.offloads = Some(set_offloads(t.fd.as_raw_fd()));
+    }
+    Ok(t)
+}
+
+/// Attach a new descriptor to `name` (creating it) with these flags; no offloads set.
+fn open_flags_only(name: &str, kind: Kind, vnet: bool, multi: bool) -> io::Result<Tun> {
     check_name(name)?;
     let existed = !name.is_empty() && !name.contains('%') && interface_exists(name);
     let file = OpenOptions::new()
@@ -188,20 +235,20 @@ fn open_flags(name: &str, kind: Kind, vnet: bool) -> io::Result<Tun> {
         Kind::Tap => libc::IFF_TAP,
     };
     let vnet_flag = if vnet { libc::IFF_VNET_HDR } else { 0 };
-    ifr.ifr_ifru.ifru_flags = (mode | libc::IFF_NO_PI | vnet_flag) as libc::c_short;
+    let multi_flag = if multi { libc::IFF_MULTI_QUEUE } else { 0 };
+    ifr.ifr_ifru.ifru_flags = (mode | libc::IFF_NO_PI | vnet_flag | multi_flag) as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
         return Err(attach_error(io::Error::last_os_error(), name, kind));
     }
     // SAFETY: the kernel NUL-terminates the name it writes back (at most IFNAMSIZ - 1 bytes).
     let actual = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) };
-    let offloads = vnet.then(|| set_offloads(fd.as_raw_fd()));
     Ok(Tun {
         fd,
         name: actual.to_string_lossy().into_owned(),
         kind,
         created: !existed,
-        offloads,
+        offloads: None,
     })
 }
 

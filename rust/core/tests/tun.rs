@@ -140,3 +140,51 @@ fn attach_to_persistent_device_reports_not_created() {
         assert!(!exists("stpersist"));
     });
 }
+
+fn tun_flags(t: &tun::Tun) -> libc::c_int {
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(t);
+    assert_eq!(unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut ifr) }, 0);
+    unsafe { ifr.ifr_ifru.ifru_flags as libc::c_int }
+}
+
+#[test]
+fn multi_queue_device() {
+    if !is_root() {
+        let e = tun::open_queues("stmq0", Kind::Tun, true, 2).expect_err("no root");
+        assert!(e.to_string().contains("permission denied"), "{e}");
+        return;
+    }
+    in_private_netns(|| {
+        // One queue is the plain device, without IFF_MULTI_QUEUE.
+        let one = tun::open_queues("stmq%d", Kind::Tun, true, 1).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(tun_flags(&one[0]) & libc::IFF_MULTI_QUEUE, 0);
+        assert!(one[0].offloads().is_some());
+        drop(one);
+
+        let qs = tun::open_queues("stmq%d", Kind::Tun, true, 3).unwrap();
+        assert_eq!(qs.len(), 3);
+        let off = qs[0].offloads();
+        assert!(off.is_some());
+        for q in &qs {
+            assert_eq!(q.name(), "stmq0");
+            assert!(q.created());
+            assert_eq!(q.offloads(), off);
+            assert_ne!(tun_flags(q) & libc::IFF_MULTI_QUEUE, 0);
+            let fd = std::os::fd::AsRawFd::as_raw_fd(q);
+            assert_eq!(tun::vnet_hdr_len(fd), Some(10));
+        }
+        // A single-queue open of a multi-queue device is refused, in one line.
+        let e = tun::open("stmq0", Kind::Tun).expect_err("flags differ");
+        assert!(e.to_string().contains("multi-queue"), "{e}");
+        let e = tun::open_queues("stmq1", Kind::Tun, false, 300).expect_err("too many");
+        assert!(e.to_string().contains("at most 256"), "{e}");
+        // The device lives while any queue is open.
+        let mut qs = qs;
+        qs.truncate(1);
+        assert!(exists("stmq0"));
+        drop(qs);
+        assert!(!exists("stmq0"));
+    });
+}

@@ -13,7 +13,7 @@ use simpletun_core::dp::counters::Drop;
 use simpletun_core::dp::rawesp::RawEspTransport;
 use simpletun_core::dp::stream::StreamTransport;
 use simpletun_core::dp::udp::UdpTransport;
-use simpletun_core::dp::{DataPlane, DpConfig, DpError, Event, Prefix, TunDevice};
+use simpletun_core::dp::{DataPlane, Device, DpConfig, DpError, Event, Prefix, TunDevice};
 use simpletun_core::esp::DEFAULT_REPLAY_WINDOW;
 use simpletun_core::proto;
 use simpletun_core::tun::Kind;
@@ -67,8 +67,10 @@ impl PyDataPlane {
 
 #[pymethods]
 impl PyDataPlane {
+    /// `queue_fds`: the further queues of a multi-queue device whose first queue is `tun_fd`
+    /// (`open_tun_queues`), one device thread each.
     #[new]
-    #[pyo3(signature = (tun_fd, *, tap=false, soft_seq=None, soft_bytes=None, queue_len=1024))]
+    #[pyo3(signature = (tun_fd, *, tap=false, soft_seq=None, soft_bytes=None, queue_len=1024, queue_fds=Vec::new()))]
     fn new(
         py: Python<'_>,
         tun_fd: i32,
@@ -76,6 +78,7 @@ impl PyDataPlane {
         soft_seq: Option<u64>,
         soft_bytes: Option<u64>,
         queue_len: usize,
+        queue_fds: Vec<i32>,
     ) -> PyResult<Self> {
         let kind = if tap { Kind::Tap } else { Kind::Tun };
         let d = DpConfig::default();
@@ -86,8 +89,11 @@ impl PyDataPlane {
         };
         let dp = py
             .detach(|| -> io::Result<DataPlane> {
-                let dev = TunDevice::from_fd(tun_fd, kind)?;
-                DataPlane::start(Arc::new(dev), config)
+                let mut queues: Vec<Arc<dyn Device>> = Vec::new();
+                for fd in std::iter::once(tun_fd).chain(queue_fds) {
+                    queues.push(Arc::new(TunDevice::from_fd(fd, kind)?));
+                }
+                DataPlane::start_queues(queues, config)
             })
             .map_err(start_error)?;
         Ok(PyDataPlane {
@@ -368,7 +374,19 @@ impl PyDataPlane {
         for (k, v) in self.dp.io().entries() {
             d.set_item(k, v)?;
         }
+        let q = self.dp.queue_reads();
+        if q.len() > 1 {
+            for (i, v) in q.iter().enumerate() {
+                d.set_item(format!("dev_reads_q{i}"), v)?;
+            }
+        }
         Ok(d)
+    }
+
+    /// Reads from each device queue (one entry per queue).
+    #[getter]
+    fn queue_reads(&self) -> Vec<u64> {
+        self.dp.queue_reads()
     }
 
     /// Size of the vnet header on the device's packets (0: no TUN offloads).

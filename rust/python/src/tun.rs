@@ -36,7 +36,32 @@ fn open_tun_offload(py: Python<'_>, name: &str) -> PyResult<(i32, String, bool, 
     Ok((t.into_raw_fd(), actual, created, offloads))
 }
 
+/// Open (creating if needed) a multi-queue (`IFF_MULTI_QUEUE`) TUN or TAP device with
+/// `queues` queues: `(fds, actual_name, created, offloads)`, one descriptor per queue in
+/// queue order (all now the caller's; the device goes when the last is closed). `offload`
+/// (TUN only): vnet headers and offloads as `open_tun_offload` (`offloads` names them; `None`
+/// without `offload`). `queues=1` opens the plain single-queue device.
+#[pyfunction]
+#[pyo3(signature = (name, queues, *, tap=false, offload=false))]
+fn open_tun_queues(
+    py: Python<'_>,
+    name: &str,
+    queues: usize,
+    tap: bool,
+    offload: bool,
+) -> PyResult<(Vec<i32>, String, bool, Option<String>)> {
+    let kind = if tap { Kind::Tap } else { Kind::Tun };
+    let ts = py
+        .detach(|| tun::open_queues(name, kind, offload, queues))
+        .map_err(|e| errors::device_error(e.to_string()))?;
+    let (actual, created) = (ts[0].name().to_owned(), ts[0].created());
+    let offloads = ts[0].offloads().map(|o| o.to_string());
+    let fds = ts.into_iter().map(|t| t.into_raw_fd()).collect();
+    Ok((fds, actual, created, offloads))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(open_tun, m)?)?;
-    m.add_function(wrap_pyfunction!(open_tun_offload, m)?)
+    m.add_function(wrap_pyfunction!(open_tun_offload, m)?)?;
+    m.add_function(wrap_pyfunction!(open_tun_queues, m)?)
 }

@@ -14,9 +14,12 @@
 //!   limit"), go to a bounded queue with a readable eventfd; Python sends control datagrams
 //!   through [`DataPlane::send_control`].
 //!
-//! Threads: one reads the device (encapsulate, route, batch-send per transport), one per
-//! transport receives (classify, decapsulate, check, write to the device). Each takes the
-//! table's read lock once per batch; configuration changes take the write lock between batches.
+//! Threads: one per device queue reads it (encapsulate, route, batch-send per transport; a
+//! multi-queue TUN device, [`DataPlane::start_queues`], has several), one per transport
+//! receives (classify, decapsulate, check, write to the device). Each takes the table's read
+//! lock once per batch; configuration changes take the write lock between batches. Device
+//! threads share a peer's outbound SA: each reserves its batch's sequence numbers under the
+//! peer's lock and encrypts outside it ([`SecurityAssociation::reserve_tx`]).
 
 pub mod counters;
 pub mod device;
@@ -49,14 +52,14 @@ pub use transport::{Datagram, Transport, TransportKind};
 
 use crate::drop::DropReason;
 use crate::esp::{
-    encap_len, infer_next_header, EncapError, SaStats, SecurityAssociation, NH_ETHERNET, NH_IPV4,
+    encap_len, infer_next_header, SaStats, SecurityAssociation, TxCounters, NH_ETHERNET, NH_IPV4,
     NH_IPV6, NH_NONE, PAYLOAD_OFFSET,
 };
 use crate::offload::{self, Gro, GroOut, VnetHdr};
 use crate::proto::{NAT_KEEPALIVE, NON_ESP_MARKER};
 use crate::tun::Kind;
 use counters::{add, now_ms};
-use route::{inner_addrs, RouteTable};
+use route::{flow_hash, inner_addrs, RouteTable};
 use zero::Zeroizing;
 
 /// Packets per batch (device reads per send, datagrams per `recvmmsg`).
@@ -133,7 +136,11 @@ fn err<T>(msg: impl Into<String>) -> Result<T, DpError> {
 }
 
 struct OutSa {
-    sa: Zeroizing<SecurityAssociation>,
+    /// The keys, only read once installed: device threads encrypt with them outside the
+    /// peer's lock (a replaced SA is wiped when the last batch using it is done).
+    sa: Arc<Zeroizing<SecurityAssociation>>,
+    /// Sequence numbers and IVs handed out, and the SA's counters.
+    tx: TxCounters,
     warned: bool,
     /// This SA's soft limits (at most the data plane's).
     soft_seq: u64,
@@ -195,7 +202,12 @@ impl Queue {
 }
 
 struct Inner {
+    /// Queue 0 of the device (its kind, header size; every write when it has one queue).
     device: Arc<dyn Device>,
+    /// Every queue of the device (`queues[0]` is `device`), one device thread each.
+    queues: Vec<Arc<dyn Device>>,
+    /// Reads per queue (their sum is `io.dev_reads`).
+    queue_reads: Vec<AtomicU64>,
     config: DpConfig,
     tables: RwLock<Tables>,
     totals: Traffic,
@@ -215,6 +227,18 @@ impl Inner {
     }
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
         self.tables.write().unwrap_or_else(|e| e.into_inner())
+    }
+    /// The queue an inner packet is written to: with several TUN queues the one its flow
+    /// hashes to. The kernel's TUN remembers the queue a flow was last written on and reads
+    /// the flow's outgoing packets from that queue, so this spreads both directions of the
+    /// flows over the queues (always writing one queue would pull every flow onto it).
+    #[inline]
+    fn write_queue(&self, pkt: &[u8]) -> &dyn Device {
+        let n = self.queues.len();
+        if n == 1 || self.device.kind() == Kind::Tap {
+            return &*self.device;
+        }
+        &*self.queues[(flow_hash(pkt) % n as u64) as usize]
     }
     fn end(&self, why: String) {
         let _ = self.exit.set(why);
@@ -274,8 +298,38 @@ pub struct DataPlane {
 impl DataPlane {
     /// Start the data plane on `device` (its device thread starts at once).
     pub fn start(device: Arc<dyn Device>, config: DpConfig) -> io::Result<DataPlane> {
-        let dp = DataPlane::without_threads(device, config)?;
-        dp.spawn("simpletun-dev", device_loop)?;
+        DataPlane::start_queues(vec![device], config)
+    }
+
+    /// Start the data plane on the queues of one multi-queue device (`IFF_MULTI_QUEUE`,
+    /// [`crate::tun::open_queues`]), one device thread per queue (all at once). Every queue
+    /// must be of the same kind and vnet header size. Packets are written to the first.
+    pub fn start_queues(queues: Vec<Arc<dyn Device>>, config: DpConfig) -> io::Result<DataPlane> {
+        let Some(first) = queues.first().cloned() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a data plane needs at least one device queue",
+            ));
+        };
+        if queues
+            .iter()
+            .any(|q| q.kind() != first.kind() || q.vnet_hdr_len() != first.vnet_hdr_len())
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the queues of one device differ in kind (TUN/TAP) or vnet header size; open them together (tun::open_queues)",
+            ));
+        }
+        let n = queues.len();
+        let dp = DataPlane::new(queues, config)?;
+        for q in 0..n {
+            let name = if q == 0 {
+                "simpletun-dev".to_string()
+            } else {
+                format!("simpletun-dev{q}")
+            };
+            dp.spawn(&name, move |inner| device_loop(inner, q))?;
+        }
         Ok(dp)
     }
 
@@ -283,8 +337,14 @@ impl DataPlane {
     /// [`receive`](Self::receive) (fuzzing and deterministic tests).
     #[doc(hidden)]
     pub fn without_threads(device: Arc<dyn Device>, config: DpConfig) -> io::Result<DataPlane> {
+        DataPlane::new(vec![device], config)
+    }
+
+    fn new(queues: Vec<Arc<dyn Device>>, config: DpConfig) -> io::Result<DataPlane> {
         let inner = Arc::new(Inner {
-            device,
+            device: queues[0].clone(),
+            queue_reads: queues.iter().map(|_| AtomicU64::new(0)).collect(),
+            queues,
             events: Queue {
                 q: Mutex::new(VecDeque::new()),
                 fd: sys::eventfd()?,
@@ -512,7 +572,8 @@ impl DataPlane {
         let p = self.peer(peer)?;
         let c = &self.inner.config;
         let new = sa.map(|sa| OutSa {
-            sa: Zeroizing::new(sa),
+            tx: sa.tx_counters(),
+            sa: Arc::new(Zeroizing::new(sa)),
             warned: false,
             soft_seq: soft_seq.map_or(c.soft_seq, |v| v.min(c.soft_seq)),
             soft_bytes: soft_bytes.map_or(c.soft_bytes, |v| v.min(c.soft_bytes)),
@@ -583,6 +644,15 @@ impl DataPlane {
         &self.inner.io
     }
 
+    /// Reads from each device queue (one entry per queue; their sum is `io().dev_reads`).
+    pub fn queue_reads(&self) -> Vec<u64> {
+        self.inner
+            .queue_reads
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// The size of the vnet header on the device's packets (0: a device without offloads).
     pub fn vnet_hdr_len(&self) -> usize {
         self.inner.device.vnet_hdr_len()
@@ -621,8 +691,8 @@ impl DataPlane {
                     spi: o.sa.spi(),
                     peer: p.id,
                     inbound: false,
-                    stats: o.sa.stats().clone(),
-                    tx_seq: o.sa.tx_seq(),
+                    stats: o.tx.stats().clone(),
+                    tx_seq: o.tx.seq(),
                     rx_highest_seq: 0,
                     last_rx_ms: 0,
                     expiring: false,
@@ -752,26 +822,14 @@ fn prepare(
     let nhs = [nh; BATCH];
     let mut wire = [0usize; BATCH];
     let k = k.min(BATCH);
-    // One packet takes the serial path (the batch's lane set-up does not pay for one lane).
-    let r = if k == 1 {
-        match osa.sa.encap_in_place(&mut bufs[0], lens[0], nh) {
-            Ok(len) => {
-                wire[0] = len;
-                Ok(1)
-            }
-            Err(EncapError::SeqExhausted { .. }) => Ok(0),
-            Err(e) => Err(e),
-        }
-    } else {
-        osa.sa
-            .encap_batch_in_place(&mut bufs[..k], &lens[..k], &nhs[..k], &mut wire[..k])
-    };
-    let Ok(done) = r else {
+    // Sequence numbers and IVs for the batch are reserved under the lock, the encryption runs
+    // outside it: device threads of other queues encapsulate with this SA at the same time.
+    let Ok(blk) = osa.sa.reserve_tx(&mut osa.tx, &bufs[..k], &lens[..k]) else {
         // A buffer too small for its ESP packet: BUF_LEN leaves room for the largest.
         drop(o);
         return drop_all(Some(&peer), DropReason::Oversize.into());
     };
-    let (seq, bytes) = (osa.sa.tx_seq(), osa.sa.stats().encap_bytes);
+    let (seq, bytes) = (osa.tx.seq(), osa.tx.stats().encap_bytes);
     if !osa.warned && (seq >= osa.soft_seq || bytes >= osa.soft_bytes) {
         osa.warned = true;
         inner.event(Event::SaLimit {
@@ -781,7 +839,17 @@ fn prepare(
             bytes,
         });
     }
+    let sa = osa.sa.clone();
     drop(o);
+    let done = blk.len();
+    if sa
+        .encap_reserved(blk, &mut bufs[..k], &lens[..k], &nhs[..k], &mut wire[..k])
+        .is_err()
+    {
+        // Not reached: the same buffers were checked when reserving.
+        return drop_all(Some(&peer), DropReason::Oversize.into());
+    }
+    drop(sa);
     for j in 0..done {
         add(&peer.traffic.tx_packets, 1);
         add(&peer.traffic.tx_bytes, lens[j] as u64);
@@ -815,10 +883,12 @@ fn read_device(
     buf: &mut [u8],
     io: &Io,
     hz: usize,
+    queue: &AtomicU64,
 ) -> Result<Option<usize>, String> {
     match dev.recv(buf) {
         Ok(Some(n)) => {
             add(&io.dev_reads, 1);
+            add(queue, 1);
             add(&io.dev_read_bytes, n.saturating_sub(hz) as u64);
             Ok(Some(n))
         }
@@ -830,9 +900,11 @@ fn read_device(
 
 /// Device → transports. On a vnet-header device each read may be a TSO/USO super-packet,
 /// split here into MTU-sized packets (checksums completed) before encapsulation; its segments
-/// travel in order in one batch (or the next, when the batch is full).
-fn device_loop(inner: &Inner) -> String {
-    let dev = inner.device.clone();
+/// travel in order in one batch (or the next, when the batch is full). One per device queue
+/// (`q`): the kernel keeps each flow on one queue, so per-flow order holds.
+fn device_loop(inner: &Inner, q: usize) -> String {
+    let dev = inner.queues[q].clone();
+    let qreads = &inner.queue_reads[q];
     let kind = dev.kind();
     let hz = dev.vnet_hdr_len();
     let mut bufs = bufs();
@@ -880,6 +952,7 @@ fn device_loop(inner: &Inner) -> String {
                     &mut bufs[i][HEADROOM..HEADROOM + MAX_PACKET],
                     io,
                     0,
+                    qreads,
                 ) {
                     Ok(Some(n)) => n,
                     Ok(None) => break,
@@ -891,7 +964,7 @@ fn device_loop(inner: &Inner) -> String {
                 let p = match pending.take() {
                     Some(p) => p,
                     None => {
-                        let n = match read_device(&*dev, &mut raw, io, hz) {
+                        let n = match read_device(&*dev, &mut raw, io, hz, qreads) {
                             Ok(Some(n)) => n,
                             Ok(None) => break,
                             Err(why) => return why,
@@ -1197,7 +1270,7 @@ fn to_device(inner: &Inner, gro: Option<&mut Gro>, pkts: &[(&Peer, &[u8])]) {
     let Some(gro) = gro else {
         for (peer, pkt) in pkts {
             let n = pkt.len() as u64;
-            write(peer, dev.send(pkt), 1, n, n);
+            write(peer, inner.write_queue(pkt).send(pkt), 1, n, n);
         }
         return;
     };
@@ -1208,18 +1281,19 @@ fn to_device(inner: &Inner, gro: Option<&mut Gro>, pkts: &[(&Peer, &[u8])]) {
             GroOut::Pass(i) => {
                 let (peer, pkt) = pkts[i];
                 let n = pkt.len() as u64;
-                write(peer, dev.send(pkt), 1, n, n);
+                write(peer, inner.write_queue(pkt).send(pkt), 1, n, n);
             }
             GroOut::Merged { slot, segments } => {
                 let buf = gro.merged(slot);
-                let peer = pkts[gro.head(slot)].0;
+                let (peer, head) = pkts[gro.head(slot)];
                 let ip = (buf.len() - hz) as u64;
                 // Every segment carried the same headers (hdr_len bytes): the inner bytes
                 // received are the merged packet's plus the headers it saved.
                 let hl = VnetHdr::parse(buf, hz).map_or(0, |h| h.hdr_len as u64);
                 let bytes = ip + (segments as u64 - 1) * hl;
                 add(&io.dev_write_super, 1);
-                write(peer, dev.send_vnet(buf), segments as u64, bytes, ip);
+                let q = inner.write_queue(head);
+                write(peer, q.send_vnet(buf), segments as u64, bytes, ip);
             }
         }
     }

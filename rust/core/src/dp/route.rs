@@ -156,3 +156,63 @@ mod tests {
             .contains("1.2.3.4".parse().unwrap()));
     }
 }
+
+/// A hash of an inner IP packet's flow, the same for both directions: the addresses and, for
+/// TCP and UDP (unfragmented IPv4, IPv6 without extension headers), the ports, each pair
+/// taken in sorted order. Packets that are not IP hash to 0.
+pub fn flow_hash(pkt: &[u8]) -> u64 {
+    let (a, b, proto, l4) = match pkt.first().map(|v| v >> 4) {
+        Some(4) if pkt.len() >= 20 => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            let frag = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0;
+            let l4 = (!frag && ihl >= 20).then_some(ihl);
+            (&pkt[12..16], &pkt[16..20], pkt[9], l4)
+        }
+        Some(6) if pkt.len() >= 40 => (&pkt[8..24], &pkt[24..40], pkt[6], Some(40)),
+        _ => return 0,
+    };
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |bytes: &[u8]| {
+        for &x in bytes {
+            h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    mix(lo);
+    mix(hi);
+    mix(&[proto]);
+    if let Some(off) = l4.filter(|&o| matches!(proto, 6 | 17) && pkt.len() >= o + 4) {
+        let (p, q) = (&pkt[off..off + 2], &pkt[off + 2..off + 4]);
+        let (p, q) = if p <= q { (p, q) } else { (q, p) };
+        mix(p);
+        mix(q);
+    }
+    h ^ (h >> 29)
+}
+
+#[cfg(test)]
+mod flow_tests {
+    use super::flow_hash;
+
+    fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn symmetric_and_port_sensitive() {
+        let a = tcp4([10, 0, 0, 1], [10, 0, 0, 2], 40000, 5201);
+        let b = tcp4([10, 0, 0, 2], [10, 0, 0, 1], 5201, 40000);
+        assert_eq!(flow_hash(&a), flow_hash(&b));
+        let c = tcp4([10, 0, 0, 1], [10, 0, 0, 2], 40001, 5201);
+        assert_ne!(flow_hash(&a), flow_hash(&c));
+        assert_eq!(flow_hash(&[0x10, 0, 0]), 0);
+        assert_eq!(flow_hash(&[]), 0);
+    }
+}
