@@ -446,6 +446,8 @@ def io_line(stats: dict, offloads: str | None) -> str:
     drops, as key=value pairs; ``scripts/bench_tunnel.py`` parses this line."""
     parts = [f"offloads={offloads or 'off'}"]
     parts += [f"{k}={stats.get(k, 0)}" for k in IO_COUNTERS]
+    # reads per device queue, on a multi-queue device (--queues N)
+    parts += [f"{k}={v}" for k, v in stats.items() if k.startswith("dev_reads_q")]
     parts += [f"{k}={v}" for k, v in stats.items() if k.startswith("drop_") and v]
     return " ".join(parts)
 

@@ -17,6 +17,7 @@ import pytest
 from skipping import skip
 
 from simpletun import cli
+from simpletun.config import max_queues
 from simpletun.keys import encode_key, generate_key, load_key
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -92,6 +93,13 @@ BAD_INVOCATIONS = [
     (["-i", "tun\udcff", "-s", "--plaintext"], "is not valid text"),
     (["-i", "tun0", "-s", "--plaintext", "--route", "10.1.0.1/16"], "did you mean 10.1.0.0/16?"),
     (["-i", "tun0", "-s", "--plaintext", "--route", "nope"], "--route: not a network prefix"),
+    # --queues: 1 to the CPUs this process may use (the message names the limit)
+    (["-i", "tun0", "-s", "--plaintext", "--queues", "0"], "--queues: queues must be 1-"),
+    (["-i", "tun0", "-s", "--plaintext", "--queues", "two"], "--queues: queues must be a number"),
+    (
+        ["-i", "tun0", "-s", "--plaintext", "--queues", str(max_queues() + 1)],
+        f"--queues: queues must be 1-{max_queues()} (one device thread per queue",
+    ),
 ]
 
 

@@ -9,6 +9,7 @@ import ipaddress
 import pytest
 
 from simpletun import cli, configfile
+from simpletun.config import max_queues
 from simpletun.configfile import ConfigFileError
 from simpletun.keys import encode_key, generate_key
 
@@ -114,6 +115,9 @@ BAD = [
     ('[interfaces]\n', "unknown table [interfaces]"),
     ('[[peer]]\nendpoint = "x:1"\n', "no [interface] table"),
     ('[interface]\nplaintext = true\nlisten_port = 5\nname = "a/b"\n', "name: invalid interface name"),
+    ('[interface]\nplaintext = true\nlisten_port = 5\nqueues = 0\n', ":4: [interface] queues: queues must be 1-"),
+    ('[interface]\nplaintext = true\nlisten_port = 5\nqueues = "2"\n', "queues: must be an integer"),
+    (f'[interface]\nplaintext = true\nlisten_port = 5\nqueues = {max_queues() + 1}\n', f"queues must be 1-{max_queues()}"),
 ]  # fmt: skip
 
 
@@ -173,3 +177,13 @@ endpoint = "127.0.0.1"
     assert tf.config.mtu == 65000
     again = configfile.loads(configfile.dumps(tf), tf.path)
     assert again.config == tf.config
+
+
+def test_queues_key_reaches_the_config_and_defaults_to_one(tmp_path, keyfile):
+    base = f'[interface]\nlisten_port = 4500\ntransport = "udp"\nkey_file = "{keyfile}"\n'
+    assert configfile.load(str(write(tmp_path, base))).config.queues == 1
+    p = write(tmp_path, base + "queues = 1\n", "st1.toml")
+    assert configfile.load(str(p)).config.queues == 1
+    if max_queues() >= 2:
+        p = write(tmp_path, base + "queues = 2\n", "st2.toml")
+        assert configfile.load(str(p)).config.queues == 2

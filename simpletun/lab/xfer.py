@@ -4,7 +4,7 @@
         listen, accept one connection, read to EOF; print one JSON line
         {"role": "recv", "bytes": N, "sha256": ..., "seconds": ..., "marker_seen": bool}
         (it prints {"role": "recv", "listening": true} first, once it listens)
-    xfer.py send HOST PORT --bytes N [--seed S] [--marker TEXT] [--timeout S]
+    xfer.py send HOST PORT --bytes N [--seed S] [--marker TEXT] [--timeout S] [--source-port P]
         connect (retrying until the timeout), send N pseudo-random bytes (a seeded RNG) or, with
         --marker, TEXT repeated up to N bytes; then half-close and wait for the receiver to
         close; print {"role": "send", "bytes": N, "sha256": ..., "seconds": ...}
@@ -111,6 +111,9 @@ def send(args: argparse.Namespace) -> int:
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.settimeout(2)
         try:
+            if args.source_port:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("", args.source_port))
             s.connect((args.host, args.port))
             break
         except OSError as exc:
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--marker", default=None)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--source-port", type=int, default=0, help="send: bind to this port")
     ap.add_argument("--text", action="store_true", help="human-readable output instead of JSON")
     args = ap.parse_args(argv)
     global TEXT

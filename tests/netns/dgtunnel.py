@@ -41,7 +41,7 @@ class DatagramPair(TunnelPair):
             from tunnel import TUN_A_ADDR  # type: ignore[no-redef]
 
         argv = [self.cmd, *self._common(self.key_a), "-s", "-p", str(self.port)]
-        argv += ["--addr", f"{TUN_A_ADDR}/24"]
+        argv += ["--addr", f"{TUN_A_ADDR}/24", *self.server_args]
         self.server = self.lab.spawn(self.lab.ns_a, argv, name="server", env=self.env)
         self.server.wait_for_output(r"listening on UDP port", timeout=15)
         return self.server
