@@ -9,7 +9,7 @@ Rounds are interleaved (every configuration once per round, in order) and every 
 row is the median over the rounds; ratios to the bare veth are taken within each round, so a
 machine that gets busier or quieter during the run shifts all rows alike. Per row:
 
-- Gbit/s and × veth (iperf3 single flow, B → A);
+- Gbit/s and × veth (iperf3 single flow, B → A; ``--flows N``: N parallel flows, ``-P N``);
 - CPU-s/GB: user + system CPU time of both simpletun processes (``/proc/PID/stat``) during the
   iperf3 run, per GB received (the noise-robust figure on a shared machine);
 - B/read, B/dgram, B/write: bytes per TUN read at the sender, per datagram it sent, per TUN
@@ -18,8 +18,10 @@ machine that gets busier or quieter during the run shifts all rows alike. Per ro
   (``tx_dropped``) and the receiver's UDP receive-buffer errors;
 - median ping RTT at 1, 20 and 100 pings/s, and what the tunnel adds to the veth's.
 
-The machine's load average is printed with each row. Run as root via
-``scripts/bench-tunnel.sh``; ``--plot FILE.png`` draws the table with gnuplot.
+"ESP/UDP offloads 2 queues" runs both ends with ``--queues 2`` (a multi-queue TUN device, one
+device thread per queue; on machines with 2 or more CPUs): with ``--flows 4 --only UDP`` it
+stands beside the one-queue row. The machine's load average is printed with each row. Run as
+root via ``scripts/bench-tunnel.sh``; ``--plot FILE.png`` draws the table with gnuplot.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "netns
 
 from dgtunnel import DatagramPair  # noqa: E402
 
+from simpletun.config import max_queues  # noqa: E402
 from simpletun.lab import TUN_A_ADDR, VETH_A_ADDR, Lab, missing_prerequisites  # noqa: E402
 from simpletun.lab.tunnel import DEV, TunnelPair, genkey, io_counters, simpletun_cmd  # noqa: E402
 
@@ -65,6 +68,11 @@ def configs(key: Path, base_cmd: str | None, only: list[str] | None) -> list[dic
         {"name": "raw ESP offloads", "kw": raw},
         {"name": "raw ESP no offloads", "kw": raw, "env": OFF},
     ]
+    if max_queues() >= 2:
+        q2 = ("--queues", "2")
+        i = next(i for i, r in enumerate(rows) if r["name"] == "ESP/UDP offloads") + 1
+        kw = {**udp, "server_args": q2, "client_args": q2}
+        rows.insert(i, {"name": "ESP/UDP offloads 2 queues", "kw": kw})
     if base_cmd:
         rows += [
             {"name": "base ESP/TCP", "kw": esp, "cmd": base_cmd},
@@ -76,9 +84,9 @@ def configs(key: Path, base_cmd: str | None, only: list[str] | None) -> list[dic
     return rows
 
 
-def iperf(lab: Lab, dst: str, seconds: float) -> tuple[float, int]:
-    """Single-flow TCP from B to ``dst`` in A; returns (Gbit/s, bytes received)."""
-    argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", "-P", "1"]
+def iperf(lab: Lab, dst: str, seconds: float, flows: int = 1) -> tuple[float, int]:
+    """``flows`` parallel TCP flows from B to ``dst`` in A; returns (Gbit/s, bytes received)."""
+    argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", "-P", str(flows)]
     proc = lab.run(lab.ns_b, argv, check=False, timeout=seconds + 30)
     try:
         res = json.loads(proc.stdout)
@@ -165,7 +173,7 @@ def measure(lab: Lab, cfg: dict, args) -> dict:
         row: dict = {"config": cfg["name"], "load": os.getloadavg()[0]}
         counters = t is not None and cfg.get("cmd") is None
         before = snapshot(lab, t, counters) if t else None
-        row["gbps"], nbytes = iperf(lab, dst, args.time)
+        row["gbps"], nbytes = iperf(lab, dst, args.time, args.flows)
         if t is not None:
             after = snapshot(lab, t, counters)
             row["cpu_per_gb"] = (after["cpu"] - before["cpu"]) / (nbytes / 1e9)
@@ -302,6 +310,10 @@ def plot(summary: list[dict], png: str, title: str) -> str | None:
     return None
 
 
+def flows_text(n: int) -> str:
+    return "single flow" if n == 1 else f"{n} parallel flows"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--time", type=float, default=5.0, help="iperf3 seconds per run (5)")
@@ -311,6 +323,7 @@ def main() -> int:
         "--base", metavar="DIR", help="also run another checkout's simpletun (DIR/.venv)"
     )
     ap.add_argument("--only", action="append", help="only configurations containing this")
+    ap.add_argument("--flows", type=int, default=1, help="parallel TCP flows (iperf3 -P; 1)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--plot", metavar="FILE.png", help="draw x veth and CPU-s/GB (gnuplot)")
     args = ap.parse_args()
@@ -340,7 +353,8 @@ def main() -> int:
         print(
             f"bench-tunnel: {os.cpu_count()} CPUs, load average {load0[0]:.2f}; "
             f"{args.rounds} interleaved rounds of {len(cfgs)} configurations; iperf3 -t "
-            f"{args.time:g} single flow B->A; pings at {'/'.join(map(str, RATES))} per s "
+            f"{args.time:g} {flows_text(args.flows)} B->A; pings at "
+            f"{'/'.join(map(str, RATES))} per s "
             f"for {args.ping_seconds:g} s each"
         )
         for n in range(args.rounds):
@@ -389,7 +403,7 @@ def main() -> int:
             json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n"
         )
     if args.plot:
-        why = plot(summary, args.plot, f"simpletun single TCP flow, {os.cpu_count()} CPUs")
+        why = plot(summary, args.plot, f"simpletun {flows_text(args.flows)}, {os.cpu_count()} CPUs")
         print(f"plot: {args.plot}" if why is None else f"plot: not drawn: {why}")
     return 1 if any("error" in s for s in summary) else 0
 
