@@ -193,6 +193,9 @@ def measure(lab: Lab, cfg: dict, args) -> dict:
                 keys = {k for d in (snd1, rcv1) for k in d if k.startswith("drop_")}
                 row["dp_drops"] = sum(delta(snd0, snd1, k) + delta(rcv0, rcv1, k) for k in keys)
                 row["offloads"] = snd1.get("offloads")
+                qk = sorted(k for k in snd1 if k.startswith("dev_reads_q"))
+                if qk:  # a multi-queue device: the sender's reads per queue
+                    row["queue_reads"] = "/".join(str(delta(snd0, snd1, k)) for k in qk)
         for rate in RATES:
             row[f"rtt{rate}"] = ping_median(lab, dst, rate, args.ping_seconds)
         return row
@@ -365,7 +368,12 @@ def main() -> int:
                     print(
                         f"  round {n + 1} {cfg['name']}: {row['gbps']:.2f} Gbit/s, "
                         f"{fmt(row.get('cpu_per_gb'), '.2f')} CPU-s/GB, "
-                        f"load {row['load']:.2f}",
+                        f"load {row['load']:.2f}"
+                        + (
+                            f", sender reads per queue {row['queue_reads']}"
+                            if "queue_reads" in row
+                            else ""
+                        ),
                         flush=True,
                     )
                 except Exception as exc:  # report the row as failed, measure the others

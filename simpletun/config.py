@@ -331,4 +331,16 @@ def check_manual_keys(config: Config):
             f"--manual-keys {config.manual_keys}: port = {mk.port} but the tunnel uses UDP "
             f"port {config.port}; give both ends the file's port (-p {mk.port} / listen_port)"
         )
+    if config.queues > 1 and mk.replay_window < MIN_QUEUES_WINDOW:
+        raise ConfigError(
+            f"--manual-keys {config.manual_keys}: replay-window = {mk.replay_window} is too "
+            f"small for {config.queues} queues (their threads share one SA and send out of "
+            f"order by a batch or more); set replay-window = {MIN_QUEUES_WINDOW} or more "
+            "(default 4096) in the file, or use one queue"
+        )
     return mk
+
+
+# Replay window the peer needs when several device threads share one outbound SA: each
+# reserves up to 64 sequence numbers at a time and may send after the others.
+MIN_QUEUES_WINDOW = 1024

@@ -261,3 +261,22 @@ def test_genkey_manual_writes_a_private_key_file(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "simpletun", "genkey", "--manual", "--bits", "5"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_queues_need_a_wide_replay_window(tmp_path):
+    from simpletun.config import MIN_QUEUES_WINDOW, Config, check_manual_keys, max_queues
+
+    if max_queues() < 2:
+        pytest.skip("one CPU: --queues 2 is refused before the key file is read")
+    for window, ok in ((MIN_QUEUES_WINDOW - 1, False), (MIN_QUEUES_WINDOW, True)):
+        p = tmp_path / f"mk{window}.toml"
+        p.write_text(mk.generate(transport="esp", replay_window=window))
+        p.chmod(0o600)
+        c = Config(server=False, host="192.0.2.1", transport="raw", manual_keys=str(p), queues=2)
+        if ok:
+            assert check_manual_keys(c).replay_window == window
+        else:
+            with pytest.raises(ConfigError, match=f"replay-window = {window} is too small for 2"):
+                check_manual_keys(c)
+        one = Config(server=False, host="192.0.2.1", transport="raw", manual_keys=str(p))
+        assert check_manual_keys(one).replay_window == window

@@ -83,8 +83,9 @@ def test_two_queues_carry_parallel_flows(lab_factory, keys, checked):
     assert "tso" in str(snd["offloads"]), snd
     # The sender reads its data from both queues; the receiver reads its ACKs from both.
     for end, c in (("sender", snd), ("receiver", rcv)):
+        # (their sum equals dev_reads once traffic stops: rust/core/tests/dp_queues.rs; here
+        # stray packets may be read between the counters' loads)
         assert c["dev_reads_q0"] > 0 and c["dev_reads_q1"] > 0, (end, c)
-        assert c["dev_reads_q0"] + c["dev_reads_q1"] == c["dev_reads"], (end, c)
     drops = {k: v for k, v in (*snd.items(), *rcv.items()) if k.startswith("drop_") and v}
     assert not drops, drops
     checked.append(

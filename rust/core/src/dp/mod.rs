@@ -238,7 +238,7 @@ impl Inner {
         if n == 1 || self.device.kind() == Kind::Tap {
             return &*self.device;
         }
-        &*self.queues[(flow_hash(pkt) % n as u64) as usize]
+        &*self.queues[route::pick(flow_hash(pkt), n)]
     }
     fn end(&self, why: String) {
         let _ = self.exit.set(why);
@@ -303,7 +303,8 @@ impl DataPlane {
 
     /// Start the data plane on the queues of one multi-queue device (`IFF_MULTI_QUEUE`,
     /// [`crate::tun::open_queues`]), one device thread per queue (all at once). Every queue
-    /// must be of the same kind and vnet header size. Packets are written to the first.
+    /// must be of the same kind and vnet header size. Each received packet is written to the
+    /// queue its flow hashes to (so the kernel reads the flow's replies from that queue).
     pub fn start_queues(queues: Vec<Arc<dyn Device>>, config: DpConfig) -> io::Result<DataPlane> {
         let Some(first) = queues.first().cloned() else {
             return Err(io::Error::new(

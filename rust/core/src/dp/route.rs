@@ -159,7 +159,9 @@ mod tests {
 
 /// A hash of an inner IP packet's flow, the same for both directions: the addresses and, for
 /// TCP and UDP (unfragmented IPv4, IPv6 without extension headers), the ports, each pair
-/// taken in sorted order. Packets that are not IP hash to 0.
+/// taken in sorted order. Packets that are not IP hash to 0. Every bit depends on every input
+/// byte (FNV-1a, then a 64-bit finaliser), so [`pick`] spreads flows whose ports differ only
+/// in a few bits (Linux gives `connect` even ports).
 pub fn flow_hash(pkt: &[u8]) -> u64 {
     let (a, b, proto, l4) = match pkt.first().map(|v| v >> 4) {
         Some(4) if pkt.len() >= 20 => {
@@ -187,12 +189,21 @@ pub fn flow_hash(pkt: &[u8]) -> u64 {
         mix(p);
         mix(q);
     }
-    h ^ (h >> 29)
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Which of `n` queues a flow hash picks (the high bits: multiply and shift).
+pub fn pick(hash: u64, n: usize) -> usize {
+    ((u128::from(hash) * n as u128) >> 64) as usize
 }
 
 #[cfg(test)]
 mod flow_tests {
-    use super::flow_hash;
+    use super::{flow_hash, pick};
 
     fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
         let mut p = vec![0u8; 40];
@@ -213,6 +224,18 @@ mod flow_tests {
         let c = tcp4([10, 0, 0, 1], [10, 0, 0, 2], 40001, 5201);
         assert_ne!(flow_hash(&a), flow_hash(&c));
         assert_eq!(flow_hash(&[0x10, 0, 0]), 0);
+        // Eight connections from even ports (as Linux picks them) use both of two queues.
+        let used: std::collections::HashSet<usize> = (0..8)
+            .map(|i| {
+                pick(
+                    flow_hash(&tcp4([10, 0, 0, 2], [10, 0, 0, 1], 40000 + 2 * i, 5201)),
+                    2,
+                )
+            })
+            .collect();
+        assert_eq!(used.len(), 2);
+        assert!((0..1000u64).all(|h| pick(h.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3) < 3));
+        assert_eq!(pick(u64::MAX, 2), 1);
         assert_eq!(flow_hash(&[]), 0);
     }
 }
