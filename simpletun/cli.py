@@ -438,6 +438,8 @@ IO_COUNTERS = (
     "wire_tx_bytes",
     "wire_rx_packets",
     "wire_rx_bytes",
+    "wire_tx_super",
+    "wire_rx_super",
 )
 
 

@@ -18,6 +18,14 @@ from simpletun._core import AUTH_KEY_LEN, CONTROL_MARKER, MIN_SPI
 from simpletun._errors import HandshakeError
 
 VERSION = 1
+# Version 2 (TCP only) = version 1 + a features byte after the nonce in ClientHello and
+# ServerHello. A client sends it only when it has a feature to announce (else exactly version
+# 1); a server accepts both and answers in the client's version.
+VERSION_FEATURES = 2
+# Feature bits. SUPER: TCP TSO super-packets travel whole, one ESP packet each (docs/DESIGN.md,
+# issue 9); announced only by an end whose TUN device accepted TSO.
+FEATURE_SUPER = 0x01
+KNOWN_FEATURES = FEATURE_SUPER
 NONCE_LEN = 32
 MAC_LEN = 32
 MAX_CONTROL_FRAME = 256
@@ -44,6 +52,9 @@ ERR_MALFORMED = 4
 WRONG_KEY = "wrong_key"
 CIPHER_MISMATCH = "cipher_mismatch"
 VERSION_MISMATCH = "version_mismatch"
+# The server rejected our version 2 ClientHello and speaks version 1 (a release without
+# features): retry with a version 1 ClientHello (features off).
+OLD_SERVER = "old_server"
 MALFORMED = "malformed"
 TIMEOUT = "timeout"
 CLOSED = "closed"
@@ -77,6 +88,8 @@ class HandshakeResult:
     cipher: str
     tx: SaKeys
     rx: SaKeys
+    # Both ends announced super-packets (TCP handshake version 2, FEATURE_SUPER).
+    super_packets: bool = False
 
 
 def cipher_id(name: str) -> int:
@@ -171,7 +184,9 @@ async def _send_error(stream: trio.abc.SendStream, code: int, detail: int = 0) -
             pass
 
 
-async def _receive_message(stream: trio.abc.Stream, peer: str, cipher: str) -> tuple[int, bytes]:
+async def _receive_message(
+    stream: trio.abc.Stream, peer: str, cipher: str, sent: int = VERSION
+) -> tuple[int, bytes]:
     """Read one control frame; returns (type, payload including the marker and type)."""
     (length,) = struct.unpack(">H", await _receive_exactly(stream, 2))
     # A peer that sends something other than a control frame does not speak this handshake
@@ -191,11 +206,11 @@ async def _receive_message(stream: trio.abc.Stream, peer: str, cipher: str) -> t
         )
     msg_type = payload[4]
     if msg_type == MSG_ERROR:
-        raise _peer_error(payload, peer, cipher)
+        raise _peer_error(payload, peer, cipher, sent)
     return msg_type, payload
 
 
-def _peer_error(payload: bytes, peer: str, cipher: str) -> HandshakeError:
+def _peer_error(payload: bytes, peer: str, cipher: str, sent: int = VERSION) -> HandshakeError:
     """Turn a received Error message into the HandshakeError this side reports."""
     body = payload[5:]
     code = body[0] if body else 0
@@ -209,6 +224,12 @@ def _peer_error(payload: bytes, peer: str, cipher: str) -> HandshakeError:
             CIPHER_MISMATCH,
             f"cipher mismatch: the {peer} uses {_cipher_name(detail)}, we use {cipher} "
             f"({_CIPHER_HINT})",
+        )
+    if code == ERR_VERSION_MISMATCH and sent == VERSION_FEATURES and detail == VERSION:
+        return handshake_error(
+            OLD_SERVER,
+            f"the {peer} runs an older simpletun (handshake version {VERSION}, no super-packets); "
+            f"retrying with version {VERSION}, super-packets off",
         )
     if code == ERR_VERSION_MISMATCH:
         return handshake_error(
@@ -236,13 +257,21 @@ def _check_args(key: bytes, cipher: str) -> int:
 
 
 async def client_handshake(
-    stream: trio.abc.Stream, key: bytes, cipher: str = DEFAULT_CIPHER, *, timeout=DEFAULT_TIMEOUT
+    stream: trio.abc.Stream,
+    key: bytes,
+    cipher: str = DEFAULT_CIPHER,
+    *,
+    timeout=DEFAULT_TIMEOUT,
+    super_packets: bool = False,
 ) -> HandshakeResult:
-    """Run the client side; raises HandshakeError (with ``.code``) on any failure."""
+    """Run the client side; raises HandshakeError (with ``.code``) on any failure.
+
+    ``super_packets``: announce super-packets (a version 2 ClientHello); an old server answers
+    with a version mismatch, raised as code ``OLD_SERVER`` (retry without)."""
     cid = _check_args(key, cipher)
     return await _within(
         timeout,
-        _client(stream, key, cid),
+        _client(stream, key, cid, FEATURE_SUPER if super_packets else 0),
         f"no handshake reply from the server within {timeout:g} s "
         "(is it simpletun in ESP mode, not --plaintext?)",
     )
@@ -255,15 +284,17 @@ async def server_handshake(
     *,
     timeout=DEFAULT_TIMEOUT,
     on_hello=None,
+    super_packets: bool = False,
 ) -> HandshakeResult:
     """Run the server side; raises HandshakeError (with ``.code``) on any failure.
 
     ``on_hello()`` is called once a well-formed ClientHello of our version and cipher has
-    arrived (admission control uses it to tell real clients from idle connections)."""
+    arrived (admission control uses it to tell real clients from idle connections).
+    ``super_packets``: we support them (agreed if a version 2 client announces them too)."""
     cid = _check_args(key, cipher)
     return await _within(
         timeout,
-        _server(stream, key, cid, on_hello),
+        _server(stream, key, cid, on_hello, FEATURE_SUPER if super_packets else 0),
         f"the client did not complete the handshake within {timeout:g} s",
     )
 
@@ -275,22 +306,28 @@ async def _within(timeout: float, handshake, message: str) -> HandshakeResult:
     raise handshake_error(TIMEOUT, message)
 
 
-async def _client(stream: trio.abc.Stream, key: bytes, cid: int) -> HandshakeResult:
+async def _client(stream: trio.abc.Stream, key: bytes, cid: int, features: int) -> HandshakeResult:
     cipher = _cipher_name(cid)
     nonce_c = secrets.token_bytes(NONCE_LEN)
-    hello = CONTROL_MARKER + bytes([MSG_CLIENT_HELLO, VERSION, cid]) + nonce_c
+    version = VERSION_FEATURES if features else VERSION
+    extra = bytes([features]) if features else b""
+    hello = CONTROL_MARKER + bytes([MSG_CLIENT_HELLO, version, cid]) + nonce_c + extra
     await _send(stream, struct.pack(">H", len(hello)) + hello)
 
-    msg_type, payload = await _receive_message(stream, "server", cipher)
+    msg_type, payload = await _receive_message(stream, "server", cipher, version)
     if msg_type != MSG_SERVER_HELLO:
         raise await _malformed(stream, "server", f"expected ServerHello, got type {msg_type}")
-    if len(payload) != 7 + NONCE_LEN + MAC_LEN:
+    head_len = 7 + NONCE_LEN + len(extra)
+    if len(payload) != head_len + MAC_LEN:
         raise await _malformed(stream, "server", f"ServerHello of {len(payload)} bytes")
-    version, peer_cid = payload[5], payload[6]
-    if version != VERSION or peer_cid != cid:
+    peer_version, peer_cid = payload[5], payload[6]
+    if peer_version != version or peer_cid != cid:
         raise await _malformed(stream, "server", "ServerHello does not echo our version/cipher")
+    agreed = payload[7 + NONCE_LEN] if extra else 0
+    if agreed & ~features:
+        raise await _malformed(stream, "server", f"ServerHello agrees to features {agreed:#x}")
     nonce_s = payload[7 : 7 + NONCE_LEN]
-    head, server_mac = payload[: 7 + NONCE_LEN], payload[7 + NONCE_LEN :]
+    head, server_mac = payload[:head_len], payload[head_len:]
 
     th = transcript_hash(hello, head)
     k = derive(key, cipher, nonce_c, nonce_s, th)
@@ -304,10 +341,13 @@ async def _client(stream: trio.abc.Stream, key: bytes, cid: int) -> HandshakeRes
         cipher=cipher,
         tx=SaKeys(k["c2s_spi"], k["c2s_enc"], k["c2s_auth"]),
         rx=SaKeys(k["s2c_spi"], k["s2c_enc"], k["s2c_auth"]),
+        super_packets=bool(agreed & FEATURE_SUPER),
     )
 
 
-async def _server(stream: trio.abc.Stream, key: bytes, cid: int, on_hello=None) -> HandshakeResult:
+async def _server(
+    stream: trio.abc.Stream, key: bytes, cid: int, on_hello=None, features: int = 0
+) -> HandshakeResult:
     cipher = _cipher_name(cid)
     msg_type, hello = await _receive_message(stream, "client", cipher)
     if msg_type != MSG_CLIENT_HELLO:
@@ -315,14 +355,15 @@ async def _server(stream: trio.abc.Stream, key: bytes, cid: int, on_hello=None) 
     if len(hello) < 7:
         raise await _malformed(stream, "client", "ClientHello too short")
     version, peer_cid = hello[5], hello[6]
-    if version != VERSION:
-        await _send_error(stream, ERR_VERSION_MISMATCH, VERSION)
+    if version not in (VERSION, VERSION_FEATURES):
+        await _send_error(stream, ERR_VERSION_MISMATCH, VERSION_FEATURES)
         raise handshake_error(
             VERSION_MISMATCH,
             f"protocol version mismatch: the client speaks version {version}, we speak "
-            f"{VERSION}; run the same simpletun release on both ends",
+            f"{VERSION} and {VERSION_FEATURES}; run the same simpletun release on both ends",
         )
-    if len(hello) != 7 + NONCE_LEN:
+    extra = 1 if version == VERSION_FEATURES else 0
+    if len(hello) != 7 + NONCE_LEN + extra:
         raise await _malformed(stream, "client", f"ClientHello of {len(hello)} bytes")
     if peer_cid != cid:
         await _send_error(stream, ERR_CIPHER_MISMATCH, cid)
@@ -331,11 +372,15 @@ async def _server(stream: trio.abc.Stream, key: bytes, cid: int, on_hello=None) 
             f"cipher mismatch: the client uses {_cipher_name(peer_cid)}, we use {cipher} "
             f"({_CIPHER_HINT})",
         )
-    nonce_c = hello[7:]
+    nonce_c = hello[7 : 7 + NONCE_LEN]
+    # Unknown feature bits (a newer client) are not agreed to.
+    agreed = hello[7 + NONCE_LEN] & features & KNOWN_FEATURES if extra else 0
     if on_hello is not None:
         on_hello()
     nonce_s = secrets.token_bytes(NONCE_LEN)
-    head = CONTROL_MARKER + bytes([MSG_SERVER_HELLO, VERSION, cid]) + nonce_s
+    head = CONTROL_MARKER + bytes([MSG_SERVER_HELLO, version, cid]) + nonce_s
+    if extra:
+        head += bytes([agreed])
     th = transcript_hash(hello, head)
     k = derive(key, cipher, nonce_c, nonce_s, th)
     server_hello = head + _mac(k["s_confirm"], th)
@@ -353,4 +398,5 @@ async def _server(stream: trio.abc.Stream, key: bytes, cid: int, on_hello=None) 
         cipher=cipher,
         tx=SaKeys(k["s2c_spi"], k["s2c_enc"], k["s2c_auth"]),
         rx=SaKeys(k["c2s_spi"], k["c2s_enc"], k["c2s_auth"]),
+        super_packets=bool(agreed & FEATURE_SUPER),
     )

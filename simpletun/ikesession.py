@@ -306,6 +306,9 @@ class IkeGlue:
             st = self.peers.get(a.peer)
             if st is not None:
                 st.ike_sa, st.remote_id = a.sa, a.remote_id
+                if self.stream:
+                    # both ends announced super-packets in IKE_AUTH (RFC 8229 stream only)
+                    self.dp.set_peer_super(st.dp_peer, a.super_packets)
                 self.down_initiators.pop(a.peer, None)
                 self._backoff(a.peer).reset()
         elif isinstance(a, IkeSaDown):
@@ -930,6 +933,7 @@ async def run_config(config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 where += ", ESP as IP protocol 50"
         try:
             ep = Endpoint([peer_config(setup, sp) for sp in setup.peers])
+            ep.super_packets = tcp and "tso" in (getattr(device, "offloads", None) or "").split("+")
             tunnel = IkeTunnel(config, device)
             log.info(
                 "IKEv2 on %s, %s %s, %d peer(s)",

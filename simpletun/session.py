@@ -57,6 +57,9 @@ FLAP_WINDOW = 10.0
 STABLE_SESSION = 10.0
 
 
+# The 2-byte frame length's limit.
+MAX_FRAME = 65535
+
 # The data plane's counters a TCP session reports (names kept from the former single-peer pump).
 _TRAFFIC = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "wire_tx_bytes", "wire_rx_bytes")
 
@@ -72,7 +75,10 @@ class TcpPlane:
         self.reason: str | None = None
         self.dp = DataPlane(device.fd, tap=config.tap, queue_fds=device.queue_fds)
         try:
-            t = self.dp.add_tcp(config.max_frame, plaintext=result is None, control=False)
+            # Super-packets agreed: frames carry ESP packets of up to 64 KiB both ways.
+            sup = result is not None and result.super_packets
+            max_frame = MAX_FRAME if sup else config.max_frame
+            t = self.dp.add_tcp(max_frame, plaintext=result is None, control=False)
             try:
                 ep = tuple(sock.getpeername()[:2])
             except OSError:
@@ -82,6 +88,8 @@ class TcpPlane:
             if result is not None:
                 self.dp.add_inbound_sa(peer, *result.rx.as_tuple())
                 self.dp.set_outbound_sa(peer, *result.tx.as_tuple())
+                if result.super_packets:
+                    self.dp.set_peer_super(peer, True)
         except BaseException:
             self.dp.stop()
             raise
@@ -197,6 +205,14 @@ class Tunnel:
         self._check_device = trio.Event()
         self._up = trio.Event()  # set while a session runs
         self._last_replace: tuple[float, str] | None = None  # (when, replaced peer)
+        # Client: the server is an older release (handshake version 1): announce nothing.
+        self.old_server = False
+
+    def announces_super(self) -> bool:
+        """Whether our handshake announces super-packets: only with a TUN device whose
+        offloads include TSO (so a super-packet can be written to it whole)."""
+        offloads = getattr(self.device, "offloads", None) or ""
+        return "tso" in offloads.split("+") and not self.old_server
 
     def stats(self) -> dict:
         """The current session's pump counters ({} between sessions)."""
@@ -477,6 +493,7 @@ async def _server_handshake(
                 config.cipher,
                 timeout=config.handshake_timeout,
                 on_hello=on_hello,
+                super_packets=tunnel.announces_super(),
             )
         except HandshakeError as e:
             tunnel.handshake_failures += 1
@@ -487,7 +504,11 @@ async def _server_handshake(
             stream.socket.close()
             raise
         log.debug(
-            "handshake with %s ok: spi out 0x%08x in 0x%08x", peer, result.tx.spi, result.rx.spi
+            "handshake with %s ok: spi out 0x%08x in 0x%08x%s",
+            peer,
+            result.tx.spi,
+            result.rx.spi,
+            ", super-packets" if result.super_packets else "",
         )
     return _Accepted(peer, result)
 
@@ -534,10 +555,19 @@ async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORE
         if config.esp:
             try:
                 result = await handshake.client_handshake(
-                    stream, config.key, config.cipher, timeout=config.handshake_timeout
+                    stream,
+                    config.key,
+                    config.cipher,
+                    timeout=config.handshake_timeout,
+                    super_packets=tunnel.announces_super(),
                 )
             except HandshakeError as e:
                 stream.socket.close()
+                if getattr(e, "code", None) == handshake.OLD_SERVER and not tunnel.old_server:
+                    # Fall back to version 1 at once (for this process's lifetime).
+                    tunnel.old_server = True
+                    log.warning("handshake with %s: %s", peer, e)
+                    continue
                 failures += 1
                 tunnel.handshake_failures += 1
                 # A configuration mismatch is worth an error (the operator must act); it is
@@ -550,10 +580,11 @@ async def connect(config: Config, device, *, task_status=trio.TASK_STATUS_IGNORE
                 stream.socket.close()
                 raise
             log.debug(
-                "handshake with %s ok: spi out 0x%08x in 0x%08x",
+                "handshake with %s ok: spi out 0x%08x in 0x%08x%s",
                 peer,
                 result.tx.spi,
                 result.rx.spi,
+                ", super-packets" if result.super_packets else "",
             )
         sess = await tunnel.run_session(stream, peer, result)
         # Reset the backoff after a session that lasted, but back off further when sessions

@@ -142,13 +142,88 @@ async def test_version_mismatch_answered_with_error_frame():
     c, s = trio.testing.memory_stream_pair()
 
     async def old_client():
-        await c.send_all(ctrl(hs.MSG_CLIENT_HELLO, bytes([2, 1]) + bytes(32)))
+        await c.send_all(ctrl(hs.MSG_CLIENT_HELLO, bytes([3, 1]) + bytes(32)))
         return await read_frame(c)
 
     reply, server = await run_both(old_client, lambda: hs.server_handshake(s, KEY))
     assert isinstance(server, HandshakeError)
-    assert "version mismatch: the client speaks version 2, we speak 1" in str(server)
-    assert reply == b"\0\0\0\0" + bytes([hs.MSG_ERROR, hs.ERR_VERSION_MISMATCH, 1])
+    assert "version mismatch: the client speaks version 3, we speak 1 and 2" in str(server)
+    assert reply == b"\0\0\0\0" + bytes([hs.MSG_ERROR, hs.ERR_VERSION_MISMATCH, 2])
+
+
+@pytest.mark.parametrize(
+    "c_super,s_super", [(True, True), (True, False), (False, True), (False, False)]
+)
+@trio_test
+async def test_super_packets_agreed_only_when_both_announce(c_super, s_super):
+    c, s = socket_stream_pair()
+    async with c, s:
+        client, server = await run_both(
+            lambda: hs.client_handshake(c, KEY, super_packets=c_super),
+            lambda: hs.server_handshake(s, KEY, super_packets=s_super),
+        )
+    assert isinstance(client, hs.HandshakeResult), client
+    assert isinstance(server, hs.HandshakeResult), server
+    assert client.super_packets == server.super_packets == (c_super and s_super)
+    assert client.tx == server.rx and client.rx == server.tx
+
+
+@trio_test
+async def test_client_without_features_sends_exactly_version_1():
+    """A client announcing nothing is byte-compatible with the old releases (39-byte hello)."""
+    c, s = trio.testing.memory_stream_pair()
+
+    async def server():
+        return await read_frame(s)
+
+    _, hello = await run_both(lambda: hs.client_handshake(c, KEY, timeout=0.2), server)
+    assert len(hello) == 39 and hello[5] == 1
+
+
+@trio_test
+async def test_v2_hello_carries_features_and_server_agrees_to_known_ones_only():
+    c, s = trio.testing.memory_stream_pair()
+
+    async def new_client():
+        await c.send_all(ctrl(hs.MSG_CLIENT_HELLO, bytes([2, 1]) + bytes(32) + bytes([0x81])))
+        return await read_frame(c)
+
+    reply, _ = await run_both(
+        new_client, lambda: hs.server_handshake(s, KEY, super_packets=True, timeout=0.5)
+    )
+    assert len(reply) == 72
+    assert reply[5] == 2 and reply[7 + 32] == hs.FEATURE_SUPER
+
+
+@trio_test
+async def test_old_server_turns_into_a_version_1_retry():
+    """An old server (version 1 only) answers a version 2 hello with a version mismatch: the
+    client raises OLD_SERVER, one line saying it retries without super-packets."""
+    c, s = trio.testing.memory_stream_pair()
+
+    async def old_server():
+        hello = await read_frame(s)
+        assert hello[5] == 2 and len(hello) == 40
+        await s.send_all(ctrl(hs.MSG_ERROR, bytes([hs.ERR_VERSION_MISMATCH, 1])))
+
+    client, _ = await run_both(lambda: hs.client_handshake(c, KEY, super_packets=True), old_server)
+    assert isinstance(client, HandshakeError)
+    assert client.code == hs.OLD_SERVER
+    assert "older simpletun" in str(client) and "\n" not in str(client)
+
+
+@trio_test
+async def test_version_1_client_gets_a_version_1_server_hello():
+    c, s = trio.testing.memory_stream_pair()
+
+    async def old_client():
+        await c.send_all(ctrl(hs.MSG_CLIENT_HELLO, bytes([1, 1]) + bytes(32)))
+        return await read_frame(c)
+
+    reply, _ = await run_both(
+        old_client, lambda: hs.server_handshake(s, KEY, super_packets=True, timeout=0.5)
+    )
+    assert len(reply) == 71 and reply[5] == 1
 
 
 @trio_test

@@ -34,6 +34,9 @@ class FakeDp:
     def set_endpoint(self, p, ep):
         self.peers_[p][1] = ep
 
+    def set_peer_super(self, p, on):
+        self.super_ = {**getattr(self, "super_", {}), p: on}
+
     def endpoint(self, p):
         return self.peers_[p][1]
 
@@ -278,6 +281,23 @@ def test_tcp_initiator_connects_first_then_everything_goes_on_the_stream():
     b.tick()
     assert all(d != b"\xff" for _, _, d in wire)
     pump_tcp(a, b, wire)
+
+
+@pytest.mark.parametrize("a_super,b_super", [(True, True), (True, False), (False, True)])
+def test_tcp_super_packets_agreed_by_a_private_notify_in_ike_auth(a_super, b_super):
+    """Each end announces super-packets (N_SIMPLETUN_SUPER_PACKETS, a private-use status type,
+    in IKE_AUTH) when its driver says so; the data plane gets the flag only when both did."""
+    a, b, wire, clock = pair_tcp()
+    a.ep.super_packets, b.ep.super_packets = a_super, b_super
+    a.start(a.ep.peers[0])
+    a.due_connects()
+    b.accepted((a.src, a.port))
+    a.connected("b")
+    pump_tcp(a, b, wire)
+    both = a_super and b_super
+    assert a.dp.super_[a.peers["b"].dp_peer] is both
+    assert b.dp.super_[b.peers["a"].dp_peer] is both
+    assert 40960 <= c.N_SIMPLETUN_SUPER_PACKETS <= 65535
 
 
 def test_tcp_reconnect_keeps_the_ike_sa_and_the_responder_follows():

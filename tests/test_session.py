@@ -5,6 +5,7 @@ import logging
 import socket
 import struct
 import time
+from functools import partial
 
 import pytest
 import trio
@@ -492,4 +493,64 @@ async def test_two_clients_with_one_key_are_named_and_back_off(devices, caplog):
         # before: ~9 replacements a second; now each client waits the capped 2 s
         assert server.sessions - started <= 6, "clients keep flapping without backing off"
         assert c1.sessions + c2.sessions >= 3
+        n.cancel_scope.cancel()
+
+
+@trio_test
+async def test_client_falls_back_to_version_1_for_an_old_server(devices, caplog):
+    """A client whose device accepted TSO announces super-packets (handshake version 2); an
+    old server (version 1 only) answers with a version mismatch: the client says so in one
+    warning and reconnects at once with version 1, and the session comes up."""
+    dc = devices("cli")
+    dev = Device(fd=dc.device.fd, name="cli", offloads="csum+tso")
+    caplog.set_level(logging.INFO, logger="simpletun")
+    versions: list[int] = []
+
+    async def old_server(stream: trio.SocketStream) -> None:
+        head = await stream.receive_some(2)
+        (n,) = struct.unpack(">H", head)
+        hello = b""
+        while len(hello) < n:
+            hello += await stream.receive_some(n - len(hello))
+        versions.append(hello[5])
+        if hello[5] != 1:
+            err = b"\0\0\0\0" + bytes([hs.MSG_ERROR, hs.ERR_VERSION_MISMATCH, 1])
+            await stream.send_all(struct.pack(">H", len(err)) + err)
+            return
+
+        class Replay(trio.abc.Stream):  # hand the hello already read to the real server
+            def __init__(self):
+                self.buf = head + hello
+
+            async def receive_some(self, max_bytes=None):
+                if self.buf:
+                    out, self.buf = self.buf[:max_bytes], self.buf[max_bytes:]
+                    return out
+                return await stream.receive_some(max_bytes)
+
+            async def send_all(self, data):
+                await stream.send_all(data)
+
+            async def wait_send_all_might_not_block(self):
+                pass
+
+            async def send_eof(self):
+                pass
+
+            async def aclose(self):
+                pass
+
+        result = await hs.server_handshake(Replay(), KEY, super_packets=True)
+        assert not result.super_packets
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        (listener,) = await n.start(partial(trio.serve_tcp, old_server, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        client = await n.start(session.connect, client_config(port, key=KEY), dev)
+        await wait_for(lambda: client.session, what="a session after the fallback")
+        assert versions == [2, 1], versions
+        assert client.old_server and not client.announces_super()
+        warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("older simpletun" in m and "retrying with version 1" in m for m in warn), warn
         n.cancel_scope.cancel()

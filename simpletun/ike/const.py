@@ -157,6 +157,13 @@ N_CHILDLESS_IKEV2_SUPPORTED = 16418
 N_MSG_ID_SYNC_SUPPORTED = 16420
 N_FRAGMENTATION_SUPPORTED = 16430
 N_SIGNATURE_HASH_ALGORITHMS = 16431
+# Private-use status Notify (RFC 7296 3.10.1: 40960-65535) in IKE_AUTH, simpletun to simpletun
+# over TCP (RFC 8229): "my TUN device accepts TSO, send me TCP super-packets whole" (ESP Next
+# Header 253, docs/PROTOCOL.md "Features"). Its data must be SUPER_PACKETS_DATA, so another
+# vendor's use of the same private number is not mistaken for it; peers that do not know it
+# ignore it (unrecognized status types are ignored, RFC 7296 3.10.1).
+N_SIMPLETUN_SUPER_PACKETS = 40960
+SUPER_PACKETS_DATA = b"simpletun super-packets 1"
 
 # short names as strongSwan prints them in its message summaries
 NOTIFY_NAMES = {

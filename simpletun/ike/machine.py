@@ -109,6 +109,11 @@ class PeerConfig:
         return c.AUTH_PSK if self.psk is not None else c.AUTH_DIGITAL_SIGNATURE
 
 
+def _announces_super(notifies: dict) -> bool:
+    n = notifies.get(c.N_SIMPLETUN_SUPER_PACKETS)
+    return n is not None and n.data == c.SUPER_PACKETS_DATA
+
+
 # ------------------------------------------------------------------------------ actions
 
 
@@ -126,6 +131,8 @@ class IkeSaUp:
     remote_id: str
     suite: str
     udp_encap: bool
+    # both ends announced super-packets (N_SIMPLETUN_SUPER_PACKETS in IKE_AUTH)
+    super_packets: bool = False
 
 
 @dataclass
@@ -257,6 +264,7 @@ class IkeSa:
         self.remote_id = ""
         self.want_sig_hash = False
         self.peer_sig_hash = False
+        self.super_packets = False  # both ends announced super-packets in IKE_AUTH
         self.replaced_by: IkeSa | None = None
 
     # identity of this SA in events and logs
@@ -446,6 +454,9 @@ class Endpoint:
         # every IKE message we initiate carries the non-ESP marker from IKE_SA_INIT on, to the
         # peer's own port (RFC 8229 TCP encapsulation: one stream, no port 500)
         self.natt_from_start = natt_from_start
+        # announce super-packets in IKE_AUTH (the driver sets it: a stream transport and a
+        # TUN device that accepted TSO)
+        self.super_packets = False
         self.now = 0.0  # time of the call being handled
         self._log_limit = SourceLimiter(logger=log)
         self.sas: dict[bytes, IkeSa] = {}
@@ -1224,6 +1235,8 @@ class Endpoint:
         payloads: list = [idi]
         if p.initial_contact:
             payloads.append(m.Notify(c.N_INITIAL_CONTACT))
+        if self.super_packets:
+            payloads.append(m.Notify(c.N_SIMPLETUN_SUPER_PACKETS, c.SUPER_PACKETS_DATA))
         if p.remote_id is not None:
             payloads.append(m.Id(c.PL_IDR, p.remote_id.id_type, p.remote_id.data))
         payloads.append(self._auth_payload(sa, octets))
@@ -1282,6 +1295,7 @@ class Endpoint:
             self._kill(sa, f"authentication of peer '{peer_id}' failed: {why}")
             return
         sa.remote_id = str(peer_id)
+        sa.super_packets = self.super_packets and _announces_super(ns)
         self._established(sa, now)
         ch = self._child_from_response(sa, msg, child_spi, b"", None, now)
         if ch is None:
@@ -1294,7 +1308,9 @@ class Endpoint:
         sa.dh = None
         p = sa.peer
         sa.rekey_at = self._soft(p.ike_rekey_time, now, p.rand_time)
-        self._emit(IkeSaUp(sa.name, p.name, sa.remote_id, sa.suite.name(), sa.natt))
+        self._emit(
+            IkeSaUp(sa.name, p.name, sa.remote_id, sa.suite.name(), sa.natt, sa.super_packets)
+        )
 
     # ---------------------------------------------------------------- responses to our requests
 
@@ -1397,6 +1413,9 @@ class Endpoint:
                          Identity(want.id_type, want.data), peer.local_id)  # fmt: skip
         my_octets = cr.signed_octets(sa.init_resp, sa.ni, sa.keys.pr, idr.body())
         payloads: list = [idr, self._auth_payload(sa, my_octets)]
+        if self.super_packets and _announces_super(msg.notifies()):
+            sa.super_packets = True
+            payloads.append(m.Notify(c.N_SIMPLETUN_SUPER_PACKETS, c.SUPER_PACKETS_DATA))
         child = self._negotiate_child(sa, msg, False, sa.ni, sa.nr)
         if child is not None:
             if child.error:

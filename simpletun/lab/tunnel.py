@@ -104,6 +104,8 @@ class TunnelPair:
         server_args: tuple[str, ...] = (),
         client_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        client_env: dict[str, str] | None = None,
+        server_env: dict[str, str] | None = None,
         cmd: str | None = None,
     ):
         self.lab = lab
@@ -111,6 +113,9 @@ class TunnelPair:
         self.cmd = cmd or simpletun_cmd()
         # Extra environment of both ends (e.g. SIMPLETUN_OFFLOADS=0), on top of ours.
         self.env = {**os.environ, **env} if env else None
+        # ... and of one end only, on top of that (e.g. one end without offloads).
+        self.client_env = {**(self.env or os.environ), **client_env} if client_env else self.env
+        self.server_env = {**(self.env or os.environ), **server_env} if server_env else self.env
         self.tap = tap
         self.plaintext = plaintext
         self.key_a = key_a
@@ -140,14 +145,14 @@ class TunnelPair:
     def start_server(self) -> Proc:
         argv = [self.cmd, *self._common(self.key_a), "-s", "-p", str(self.port)]
         argv += ["--addr", f"{TUN_A_ADDR}/24", *self.server_args]
-        self.server = self.lab.spawn(self.lab.ns_a, argv, name="server", env=self.env)
+        self.server = self.lab.spawn(self.lab.ns_a, argv, name="server", env=self.server_env)
         self.server.wait_for_output(r"listening on TCP port", timeout=15)
         return self.server
 
     def start_client(self) -> Proc:
         argv = [self.cmd, *self._common(self.key_b), "-c", self.client_host]
         argv += ["-p", str(self.client_port), "--addr", f"{TUN_B_ADDR}/24", *self.client_args]
-        self.client = self.lab.spawn(self.lab.ns_b, argv, name="client", env=self.env)
+        self.client = self.lab.spawn(self.lab.ns_b, argv, name="client", env=self.client_env)
         return self.client
 
     def start(self, timeout: float = 15.0) -> float:

@@ -34,6 +34,12 @@ pub const NH_IPV6: u8 = 41;
 pub const NH_ETHERNET: u8 = 143;
 /// "No next header": a dummy packet (RFC 4303 §2.6), dropped silently by the receiver.
 pub const NH_NONE: u8 = 59;
+/// A TSO super-packet carried whole between two simpletun ends that both announced it (the
+/// stream transport's negotiated mode): the payload is a [`crate::offload::SUPER_PREFIX_LEN`]-byte
+/// prefix (`gso_type`, 0, `gso_size`) and one TCP/IP packet of up to 64 KiB. 253 is one of the
+/// two IP protocol numbers RFC 3692 sets aside for experimentation and testing; it never leaves
+/// the tunnel.
+pub const NH_SUPER: u8 = 253;
 
 pub use crate::replay::DEFAULT_WINDOW as DEFAULT_REPLAY_WINDOW;
 

@@ -502,6 +502,200 @@ pub fn split_from<B: AsMut<[u8]>>(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Whole super-packets between two simpletun ends (the stream transport's negotiated mode)
+
+/// Bytes in front of the IP packet of a super-packet carried whole in one ESP packet (ESP Next
+/// Header [`crate::esp::NH_SUPER`]): `| gso_type u8 | flags u8 (0) | gso_size u16 BE |`.
+/// `gso_type` is [`GSO_TCPV4`] or [`GSO_TCPV6`], optionally with [`GSO_ECN`].
+pub const SUPER_PREFIX_LEN: usize = 4;
+/// Most segments a super-packet from a peer may hold (a 64 KiB packet at the IPv4 minimum MSS
+/// of 536 has 123); more is refused as [`OffloadDrop::TooManySegments`].
+pub const MAX_SUPER_SEGMENTS: usize = 128;
+
+/// A validated super-packet carried whole ([`parse_super`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Super {
+    /// The header to segment it with: `F_NEEDS_CSUM`, the prefix's `gso_type`/`gso_size`,
+    /// `csum_start` = the IP header length, `csum_offset` 16, `hdr_len` = IP + TCP headers.
+    pub hdr: VnetHdr,
+    /// Segments it stands for (payload / `gso_size`, rounded up).
+    pub segments: usize,
+    /// IP + TCP header length (every segment carries these bytes).
+    pub hl: usize,
+}
+
+impl Super {
+    /// Inner bytes its segments carry together (what the counters count as for segments).
+    pub fn segment_bytes(&self, ip_len: usize) -> usize {
+        ip_len + (self.segments.saturating_sub(1)) * self.hl
+    }
+}
+
+/// Whether `hdr` (read from our TUN) is a TCP TSO super-packet, the kind carried whole.
+pub fn is_tso(hdr: &VnetHdr) -> bool {
+    matches!(hdr.gso_type & !GSO_ECN, GSO_TCPV4 | GSO_TCPV6)
+}
+
+/// Validate the TCP super-packet `pkt` under `gso_type`/`gso_size` with the rules of a header
+/// read from our own TUN ([`split`]'s), plus: the IP length field equals the packet's length,
+/// at most [`MAX_SUPER_SEGMENTS`] segments.
+pub fn tso_layout(gso_type: u8, gso_size: u16, pkt: &[u8]) -> Result<Super, OffloadDrop> {
+    if !matches!(gso_type & !GSO_ECN, GSO_TCPV4 | GSO_TCPV6) {
+        return Err(OffloadDrop::BadGsoType);
+    }
+    let v6 = gso_type & !GSO_ECN == GSO_TCPV6;
+    let iph = match (v6, pkt.first()) {
+        (true, _) => IPV6_HDR_LEN,
+        (false, Some(b)) => (b & 0x0f) as usize * 4,
+        (false, None) => return Err(OffloadDrop::BadIp),
+    };
+    let mut hdr = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type,
+        hdr_len: 0,
+        gso_size,
+        csum_start: iph as u16,
+        csum_offset: TCP_CSUM_OFFSET,
+    };
+    let l = gso_layout(&hdr, pkt)?;
+    let ip_len = if v6 {
+        be16(pkt, 4) as usize + IPV6_HDR_LEN
+    } else {
+        be16(pkt, 2) as usize
+    };
+    if ip_len != pkt.len() {
+        return Err(OffloadDrop::BadIp);
+    }
+    let segments = (pkt.len() - l.hl).div_ceil(gso_size as usize);
+    if segments > MAX_SUPER_SEGMENTS {
+        return Err(OffloadDrop::TooManySegments);
+    }
+    hdr.hdr_len = l.hl as u16;
+    Ok(Super {
+        hdr,
+        segments,
+        hl: l.hl,
+    })
+}
+
+/// Write the prefix of a super-packet carried whole into `out[..SUPER_PREFIX_LEN]`.
+pub fn write_super_prefix(hdr: &VnetHdr, out: &mut [u8]) {
+    out[0] = hdr.gso_type;
+    out[1] = 0;
+    out[2..4].copy_from_slice(&hdr.gso_size.to_be_bytes());
+}
+
+/// Parse prefix + IP packet as received in an ESP packet with Next Header
+/// [`crate::esp::NH_SUPER`] (from an authenticated peer that may still be buggy): never panics,
+/// and refuses what [`tso_layout`] refuses.
+pub fn parse_super(buf: &[u8]) -> Result<Super, OffloadDrop> {
+    if buf.len() < SUPER_PREFIX_LEN {
+        return Err(OffloadDrop::ShortHeader);
+    }
+    if buf[1] != 0 {
+        return Err(OffloadDrop::BadGsoType);
+    }
+    tso_layout(buf[0], be16(buf, 2), &buf[SUPER_PREFIX_LEN..])
+}
+
+/// Prepare a validated super-packet ([`parse_super`]) for a TUN write in place: IPv4 header
+/// checksum recomputed, TCP checksum field = the pseudo-header sum (the kernel completes it,
+/// `F_NEEDS_CSUM`). Returns the vnet header to write in front: a GSO one, or for a single
+/// segment a plain `F_NEEDS_CSUM` one (nothing to segment).
+pub fn super_for_tun(s: &Super, pkt: &mut [u8]) -> VnetHdr {
+    let iph = s.hdr.csum_start as usize;
+    let v6 = s.hdr.gso_type & !GSO_ECN == GSO_TCPV6;
+    if !v6 {
+        put_be16(pkt, 10, 0);
+        let c = checksum(&pkt[..iph]);
+        put_be16(pkt, 10, c);
+    }
+    let ps = fold(pseudo_sum(pkt, v6, PROTO_TCP, pkt.len() - iph));
+    put_be16(pkt, iph + TCP_CSUM_OFFSET as usize, ps);
+    if s.segments > 1 {
+        s.hdr
+    } else {
+        VnetHdr {
+            gso_type: GSO_NONE,
+            gso_size: 0,
+            hdr_len: 0,
+            ..s.hdr
+        }
+    }
+}
+
+/// Cut a TCP super-packet read from our TUN (`hdr`, `pkt`) at segment boundaries into smaller
+/// super-packets of `per` segments each (the last may have fewer), for a carrier whose packets
+/// cannot hold it whole. Like [`split_from`]: pieces `first..` go to `outs[j][offset..offset +
+/// lens[j]]`, returns `(written, total pieces)`, nothing is written for a refused packet. Each
+/// piece gets its IP length (IPv4: ID + first segment index, header checksum), sequence number,
+/// FIN/PSH only on the last piece, CWR only on the first, and the pseudo-header sum in the TCP
+/// checksum field; its `gso_size` stays `hdr.gso_size`.
+pub fn cut_from<B: AsMut<[u8]>>(
+    hdr: &VnetHdr,
+    pkt: &[u8],
+    first: usize,
+    per: usize,
+    outs: &mut [B],
+    offset: usize,
+    lens: &mut [usize],
+) -> Result<(usize, usize), OffloadDrop> {
+    if !is_tso(hdr) {
+        return Err(OffloadDrop::BadGsoType);
+    }
+    let l = gso_layout(hdr, pkt)?;
+    let cap = outs.len().min(lens.len());
+    let piece = per.max(1).saturating_mul(hdr.gso_size as usize);
+    let payload = pkt.len() - l.hl;
+    let total = payload.div_ceil(piece);
+    if first >= total || cap == 0 {
+        return Err(OffloadDrop::TooManySegments);
+    }
+    let count = cap.min(total - first);
+    for (j, out) in outs[..count].iter_mut().enumerate() {
+        let seg = piece.min(payload - (first + j) * piece);
+        if out.as_mut().len() < offset.saturating_add(l.hl + seg) {
+            return Err(OffloadDrop::BufferTooSmall);
+        }
+    }
+    let iph = l.iph;
+    let id0 = if l.v6 { 0 } else { be16(pkt, 4) };
+    let seq0 = be32(pkt, iph + 4);
+    let flags0 = pkt[iph + 13];
+    for j in 0..count {
+        let i = first + j;
+        let start = l.hl + i * piece;
+        let end = (start + piece).min(pkt.len());
+        let len = l.hl + (end - start);
+        let out = &mut outs[j].as_mut()[offset..offset + len];
+        out[..l.hl].copy_from_slice(&pkt[..l.hl]);
+        out[l.hl..].copy_from_slice(&pkt[start..end]);
+        if l.v6 {
+            put_be16(out, 4, (len - IPV6_HDR_LEN) as u16);
+        } else {
+            put_be16(out, 2, len as u16);
+            put_be16(out, 4, id0.wrapping_add((i * per.max(1)) as u16));
+            put_be16(out, 10, 0);
+            let c = checksum(&out[..iph]);
+            put_be16(out, 10, c);
+        }
+        out[iph + 4..iph + 8].copy_from_slice(&seq0.wrapping_add((i * piece) as u32).to_be_bytes());
+        let mut f = flags0;
+        if i + 1 != total {
+            f &= !(TCP_FIN | TCP_PSH);
+        }
+        if i != 0 {
+            f &= !TCP_CWR;
+        }
+        out[iph + 13] = f;
+        let ps = fold(pseudo_sum(out, l.v6, PROTO_TCP, len - iph));
+        put_be16(out, iph + TCP_CSUM_OFFSET as usize, ps);
+        lens[j] = len;
+    }
+    Ok((count, total))
+}
+
+// ---------------------------------------------------------------------------------------------
 // GRO: coalescing received TCP segments for the TUN write side
 
 /// Addresses and ports of a TCP packet (the direction matters).

@@ -262,6 +262,12 @@ impl PyDataPlane {
             .map_err(dp_error)
     }
 
+    /// Send TCP TSO super-packets for `peer` whole, one ESP packet each (both ends announced
+    /// super-packets in the handshake; ESP stream transports only).
+    fn set_peer_super(&self, peer: u32, on: bool) -> PyResult<()> {
+        self.dp.set_peer_super(peer, on).map_err(dp_error)
+    }
+
     fn clear_outbound_sa(&self, peer: u32) -> PyResult<()> {
         self.dp.set_outbound_sa(peer, None).map_err(dp_error)
     }

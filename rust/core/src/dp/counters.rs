@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::drop::DropReason;
+use crate::offload::OffloadDrop;
 
 /// Why the data plane dropped a packet: every ESP reason plus the routing/transport ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,9 +30,12 @@ pub enum Drop {
     /// Outbound: a read from a vnet-header TUN device whose `virtio_net_hdr` or super-packet
     /// headers are malformed ([`crate::offload::OffloadDrop`]).
     BadVnet,
+    /// Inbound: a super-packet carried whole (ESP Next Header [`crate::esp::NH_SUPER`]) whose
+    /// prefix or headers are refused, by why (`drop_super_*`).
+    Super(OffloadDrop),
 }
 
-pub const DROP_KINDS: usize = DropReason::ALL.len() + 9;
+pub const DROP_KINDS: usize = DropReason::ALL.len() + 9 + OffloadDrop::ALL.len();
 
 impl Drop {
     pub const EXTRA: [Drop; 9] = [
@@ -51,6 +55,7 @@ impl Drop {
             .iter()
             .map(|r| Drop::Esp(*r))
             .chain(Drop::EXTRA.iter().copied())
+            .chain(OffloadDrop::ALL.iter().map(|o| Drop::Super(*o)))
     }
 
     pub fn name(self) -> &'static str {
@@ -65,12 +70,27 @@ impl Drop {
             Drop::SendFailed => "send_failed",
             Drop::NoPeer => "no_peer",
             Drop::BadVnet => "bad_vnet",
+            Drop::Super(o) => match o {
+                OffloadDrop::ShortHeader => "super_short_prefix",
+                OffloadDrop::BadGsoType => "super_bad_gso_type",
+                OffloadDrop::BadIp => "super_bad_ip",
+                OffloadDrop::BadTransport => "super_bad_transport",
+                OffloadDrop::BadCsum => "super_bad_csum",
+                OffloadDrop::BadGso => "super_bad_gso",
+                OffloadDrop::TooManySegments => "super_too_many_segments",
+                OffloadDrop::BufferTooSmall => "super_buffer_too_small",
+            },
         }
     }
 
     pub fn index(self) -> usize {
         match self {
             Drop::Esp(r) => r.index(),
+            Drop::Super(o) => {
+                DropReason::ALL.len()
+                    + Drop::EXTRA.len()
+                    + OffloadDrop::ALL.iter().position(|d| *d == o).unwrap_or(0)
+            }
             other => {
                 DropReason::ALL.len() + Drop::EXTRA.iter().position(|d| *d == other).unwrap_or(0)
             }
@@ -176,6 +196,10 @@ pub struct Io {
     pub dev_read_super: AtomicU64,
     /// Super-packets written to the device (coalesced from more than one segment).
     pub dev_write_super: AtomicU64,
+    /// TSO super-packets sent whole in one ESP packet to a stream peer that announced it
+    /// (each piece of a cut one counts), and received whole.
+    pub wire_tx_super: AtomicU64,
+    pub wire_rx_super: AtomicU64,
 }
 
 impl Io {
@@ -189,6 +213,8 @@ impl Io {
             ("dev_write_super", &self.dev_write_super),
             ("wire_tx_packets", &self.wire_tx_packets),
             ("wire_rx_packets", &self.wire_rx_packets),
+            ("wire_tx_super", &self.wire_tx_super),
+            ("wire_rx_super", &self.wire_rx_super),
         ]
         .iter()
         .map(|(k, c)| (k.to_string(), c.load(Relaxed)))

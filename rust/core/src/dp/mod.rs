@@ -52,10 +52,10 @@ pub use transport::{Datagram, Transport, TransportKind};
 
 use crate::drop::DropReason;
 use crate::esp::{
-    encap_len, infer_next_header, SaStats, SecurityAssociation, TxCounters, NH_ETHERNET, NH_IPV4,
-    NH_IPV6, NH_NONE, PAYLOAD_OFFSET,
+    encap_len, infer_next_header, SaStats, SecurityAssociation, TxCounters, MAX_OVERHEAD,
+    NH_ETHERNET, NH_IPV4, NH_IPV6, NH_NONE, NH_SUPER, PAYLOAD_OFFSET,
 };
-use crate::offload::{self, Gro, GroOut, VnetHdr};
+use crate::offload::{self, Gro, GroOut, Super, VnetHdr, SUPER_PREFIX_LEN};
 use crate::proto::{NAT_KEEPALIVE, NON_ESP_MARKER};
 use crate::tun::Kind;
 use counters::{add, now_ms};
@@ -154,6 +154,9 @@ struct Peer {
     endpoint: Mutex<Option<SocketAddr>>,
     out: Mutex<Option<OutSa>>,
     no_sa_reported: AtomicBool,
+    /// Both ends announced super-packets: TCP TSO super-packets for it travel whole, one ESP
+    /// packet each (stream transports only; [`DataPlane::set_peer_super`]).
+    whole: AtomicBool,
     traffic: Traffic,
 }
 
@@ -393,8 +396,8 @@ impl DataPlane {
             false,
             (now_ms(), Instant::now()),
         );
-        if let Some((peer, r)) = got {
-            to_device(&self.inner, None, &[(peer, &data[r])]);
+        if let Some((peer, r, whole)) = got {
+            to_device(&self.inner, None, &[(peer, &data[r], whole)]);
         }
     }
 
@@ -474,6 +477,7 @@ impl DataPlane {
                 endpoint: Mutex::new(endpoint),
                 out: Mutex::new(None),
                 no_sa_reported: AtomicBool::new(false),
+                whole: AtomicBool::new(false),
                 traffic: Traffic::default(),
             }),
         );
@@ -501,6 +505,27 @@ impl DataPlane {
 
     pub fn set_endpoint(&self, peer: u32, ep: Option<SocketAddr>) -> Result<(), DpError> {
         *lock(&self.peer(peer)?.endpoint) = ep;
+        Ok(())
+    }
+
+    /// Whether TCP TSO super-packets read from a vnet-header device for `peer` are sent whole,
+    /// one ESP packet each (Next Header [`NH_SUPER`]), instead of as MTU-sized segments: set
+    /// when both ends announced it in the handshake. Only for peers on an ESP stream
+    /// transport (a frame holds up to 64 KiB; a datagram would be fragmented). Receiving such
+    /// packets needs no flag (they are validated like any header from our own TUN).
+    pub fn set_peer_super(&self, peer: u32, on: bool) -> Result<(), DpError> {
+        let p = self.peer(peer)?;
+        if on {
+            let ok = self
+                .transport(p.transport)
+                .is_ok_and(|t| t.kind() == TransportKind::Stream && !t.plaintext());
+            if !ok {
+                return err(format!(
+                    "peer {peer}: super-packets travel whole on ESP stream (TCP) transports only"
+                ));
+            }
+        }
+        p.whole.store(on, Ordering::Relaxed);
         Ok(())
     }
 
@@ -748,14 +773,20 @@ fn bufs() -> Vec<Vec<u8>> {
     (0..BATCH).map(|_| vec![0u8; BUF_LEN]).collect()
 }
 
-/// (buffer, start, wire length, inner length, transport, endpoint) of a batch's packets.
-type Out = (usize, usize, usize, usize, usize, SocketAddr);
+/// (buffer, start, wire length, inner length, transport, endpoint, inner segments) of a
+/// batch's packets (a super-packet sent whole counts as its segments, and their bytes).
+type Out = (usize, usize, usize, usize, usize, SocketAddr, u64);
 
 /// Route and encapsulate the inner packets at `bufs[j][HEADROOM..HEADROOM + lens[j]]`, one
 /// packet or the segments of one super-packet (same addresses, so routed once by the first),
 /// buffer `first + j` of the batch; appends what to send to `out` (what is dropped is
 /// counted). The segments of a super-packet are encapsulated together, their CBC chains
 /// interleaved (`encap_batch_in_place`).
+///
+/// With `whole` the buffers hold pieces of one TCP super-packet to send whole
+/// ([`offload::cut_from`]): each a [`SUPER_PREFIX_LEN`]-byte prefix and the IP packet,
+/// encapsulated with Next Header [`NH_SUPER`] and counted as the segments they stand for.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     inner: &Inner,
     t: &Tables,
@@ -763,6 +794,7 @@ fn prepare(
     first: usize,
     bufs: &mut [Vec<u8>],
     lens: &[usize],
+    whole: Option<&Super>,
     out: &mut Vec<Out>,
 ) {
     let k = bufs.len().min(lens.len());
@@ -774,7 +806,19 @@ fn prepare(
             inner.drop_pkt(peer, d);
         }
     };
-    let pkt = &bufs[0][HEADROOM..HEADROOM + lens[0]];
+    let off = if whole.is_some() { SUPER_PREFIX_LEN } else { 0 };
+    let pkt = &bufs[0][HEADROOM + off..HEADROOM + lens[0].max(off)];
+    // Segments and inner bytes each buffer stands for.
+    let segs = |j: usize| -> (u64, u64) {
+        match whole {
+            None => (1, lens[j] as u64),
+            Some(s) => {
+                let ip = lens[j] - SUPER_PREFIX_LEN;
+                let n = (ip - s.hl).div_ceil(s.hdr.gso_size.max(1) as usize);
+                (n as u64, (ip + n.saturating_sub(1) * s.hl) as u64)
+            }
+        }
+    };
     let (peer, nh) = match kind {
         Kind::Tap => (t.peers.values().next().cloned(), NH_ETHERNET),
         Kind::Tun => match (inner_addrs(pkt), infer_next_header(pkt)) {
@@ -790,6 +834,7 @@ fn prepare(
     let Some(peer) = peer else {
         return drop_all(None, Drop::NoRoute);
     };
+    let nh = if whole.is_some() { NH_SUPER } else { nh };
     let Some(ep) = *lock(&peer.endpoint) else {
         return drop_all(Some(&peer), Drop::NoEndpoint);
     };
@@ -806,7 +851,7 @@ fn prepare(
             add(&peer.traffic.tx_packets, 1);
             add(&peer.traffic.tx_bytes, n as u64);
             add(&peer.traffic.wire_tx_bytes, n as u64);
-            out.push((first + j, HEADROOM, n, n, peer.transport, ep));
+            out.push((first + j, HEADROOM, n, n, peer.transport, ep, 1));
         }
         return;
     }
@@ -851,11 +896,15 @@ fn prepare(
         return drop_all(Some(&peer), DropReason::Oversize.into());
     }
     drop(sa);
-    for j in 0..done {
-        add(&peer.traffic.tx_packets, 1);
-        add(&peer.traffic.tx_bytes, lens[j] as u64);
-        add(&peer.traffic.wire_tx_bytes, wire[j] as u64);
-        out.push((first + j, 0, wire[j], lens[j], peer.transport, ep));
+    if whole.is_some() {
+        add(&inner.io.wire_tx_super, done as u64);
+    }
+    for (j, &w) in wire[..done].iter().enumerate() {
+        let (n, bytes) = segs(j);
+        add(&peer.traffic.tx_packets, n);
+        add(&peer.traffic.tx_bytes, bytes);
+        add(&peer.traffic.wire_tx_bytes, w as u64);
+        out.push((first + j, 0, w, bytes as usize, peer.transport, ep, n));
     }
     if done < k {
         // The sequence numbers ran out.
@@ -868,12 +917,40 @@ fn prepare(
     }
 }
 
-/// A super-packet read from a vnet-header device whose segments do not all fit the batch:
-/// its header, its length in the read buffer, and the next segment to make.
+/// A super-packet read from a vnet-header device whose segments (or pieces) do not all fit
+/// the batch: its header, its length in the read buffer, the next segment (piece) to make,
+/// and, when it travels whole ([`whole_plan`]), its layout and segments per piece.
 struct Pending {
     hdr: VnetHdr,
     len: usize,
     next: usize,
+    whole: Option<(Super, usize)>,
+}
+
+/// Whether the super-packet `pkt` read with `hdr` travels whole: a TCP TSO packet routed to a
+/// peer that announced super-packets, on an ESP stream transport. Returns its layout and how
+/// many segments fit one ESP packet (the frame's 2-byte length caps it: a 64 KiB packet is
+/// cut at a segment boundary into two); `None`: split it into segments as for any transport.
+fn whole_plan(t: &Tables, hdr: &VnetHdr, pkt: &[u8]) -> Option<(Super, usize)> {
+    if !offload::is_tso(hdr) {
+        return None;
+    }
+    let (_, dst) = inner_addrs(pkt)?;
+    let peer = t.routes.lookup(dst).and_then(|id| t.peers.get(&id))?;
+    if !peer.whole.load(Ordering::Relaxed) {
+        return None;
+    }
+    let tr = t.transports.get(peer.transport)?;
+    if tr.kind() != TransportKind::Stream || tr.plaintext() {
+        return None;
+    }
+    let s = offload::tso_layout(hdr.gso_type, hdr.gso_size, pkt).ok()?;
+    let room = tr
+        .max_payload()
+        .min(MAX_PACKET)
+        .saturating_sub(MAX_OVERHEAD + SUPER_PREFIX_LEN + s.hl);
+    let per = room / (hdr.gso_size as usize).max(1);
+    (per > 0).then_some((s, per.min(s.segments)))
 }
 
 /// One device read into `buf`, counted (`hz`: the vnet header's size, not counted as bytes);
@@ -975,6 +1052,7 @@ fn device_loop(inner: &Inner, q: usize) -> String {
                                 hdr,
                                 len: n,
                                 next: 0,
+                                whole: whole_plan(&t, &hdr, &raw[hz..n]),
                             },
                             Err(_) => {
                                 inner.drop_pkt(None, Drop::BadVnet);
@@ -983,6 +1061,47 @@ fn device_loop(inner: &Inner, q: usize) -> String {
                         }
                     }
                 };
+                if let Some((s, per)) = p.whole {
+                    // Sent whole: pieces of `per` segments after a prefix, one ESP packet each.
+                    let r = offload::cut_from(
+                        &p.hdr,
+                        &raw[hz..p.len],
+                        p.next,
+                        per,
+                        &mut bufs[i..],
+                        HEADROOM + SUPER_PREFIX_LEN,
+                        &mut lens[i..],
+                    );
+                    let Ok((k, total)) = r else {
+                        inner.drop_pkt(None, Drop::BadVnet);
+                        continue;
+                    };
+                    if p.next == 0 && s.segments > 1 {
+                        add(&io.dev_read_super, 1);
+                    }
+                    if p.next + k < total {
+                        pending = Some(Pending {
+                            next: p.next + k,
+                            ..p
+                        });
+                    }
+                    for j in i..i + k {
+                        offload::write_super_prefix(&p.hdr, &mut bufs[j][HEADROOM..]);
+                        lens[j] += SUPER_PREFIX_LEN;
+                    }
+                    prepare(
+                        inner,
+                        &t,
+                        kind,
+                        i,
+                        &mut bufs[i..i + k],
+                        &lens[i..i + k],
+                        Some(&s),
+                        &mut out,
+                    );
+                    i += k;
+                    continue;
+                }
                 let r = offload::split_from(
                     &p.hdr,
                     &raw[hz..p.len],
@@ -1017,6 +1136,7 @@ fn device_loop(inner: &Inner, q: usize) -> String {
                 i,
                 &mut bufs[i..i + k],
                 &lens[i..i + k],
+                None,
                 &mut out,
             );
             i += k;
@@ -1035,7 +1155,10 @@ fn device_loop(inner: &Inner, q: usize) -> String {
                 for _ in sent..pkts.len() {
                     inner.totals.drop(Drop::SendFailed);
                 }
-                add(&inner.totals.tx_packets, sent as u64);
+                add(
+                    &inner.totals.tx_packets,
+                    mine[..sent].iter().map(|o| o.6).sum(),
+                );
                 add(&io.wire_tx_packets, sent as u64);
                 add(
                     &inner.totals.tx_bytes,
@@ -1104,20 +1227,21 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
         let mut from = 0;
         while from < got.len() {
             // Decapsulate in place until RX_FLUSH packets are accepted, then write those.
-            let mut accepted: Vec<(&Peer, usize, Range<usize>)> = Vec::with_capacity(RX_FLUSH);
+            let mut accepted: Vec<(&Peer, usize, Range<usize>, Option<Super>)> =
+                Vec::with_capacity(RX_FLUSH);
             while from < got.len() && accepted.len() < RX_FLUSH {
                 let dg = got[from];
                 from += 1;
                 let d = &mut bufs[dg.buf][dg.start..dg.start + dg.len];
-                if let Some((peer, r)) =
+                if let Some((peer, r, whole)) =
                     receive_one(inner, &t, id, udp, d, dg.from, dg.truncated, now)
                 {
-                    accepted.push((peer, dg.buf, dg.start + r.start..dg.start + r.end));
+                    accepted.push((peer, dg.buf, dg.start + r.start..dg.start + r.end, whole));
                 }
             }
-            let pkts: Vec<(&Peer, &[u8])> = accepted
+            let pkts: Vec<Accepted> = accepted
                 .iter()
-                .map(|(p, b, r)| (*p, &bufs[*b][r.clone()]))
+                .map(|(p, b, r, w)| (*p, &bufs[*b][r.clone()], *w))
                 .collect();
             to_device(inner, gro.as_mut(), &pkts);
         }
@@ -1131,7 +1255,9 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
 
 /// Classify and handle one received datagram (the body of the receive loop; also called
 /// directly by tests and the fuzz target). Every datagram ends in exactly one counter.
-/// Returns the accepted inner packet (where it lies in `d`) and its peer, for [`to_device`].
+/// Returns the accepted inner packet (where it lies in `d`) and its peer, for [`to_device`];
+/// for a super-packet received whole also its layout, the packet then starting with the
+/// device's vnet header (written in place) when the device has one.
 #[allow(clippy::too_many_arguments)]
 fn receive_one<'t>(
     inner: &Inner,
@@ -1142,7 +1268,7 @@ fn receive_one<'t>(
     from: SocketAddr,
     truncated: bool,
     now: (u64, Instant),
-) -> Option<(&'t Peer, Range<usize>)> {
+) -> Option<(&'t Peer, Range<usize>, Option<Super>)> {
     let dev = &inner.device;
     let kind = dev.kind();
     add(&inner.totals.wire_rx_bytes, d.len() as u64);
@@ -1160,7 +1286,7 @@ fn receive_one<'t>(
         return None;
     }
     if t.transports.get(id).is_some_and(|tr| tr.plaintext()) {
-        return receive_plaintext(inner, t, id, d, from, now.0);
+        return receive_plaintext(inner, t, id, d, from, now.0).map(|(p, r)| (p, r, None));
     }
     if udp && d.len() == 1 && d[0] == NAT_KEEPALIVE {
         add(&inner.totals.keepalives, 1);
@@ -1225,6 +1351,9 @@ fn receive_one<'t>(
         add(&inner.totals.dummies, 1);
         return None;
     }
+    if dec.next_header == NH_SUPER && kind == Kind::Tun {
+        return receive_whole(inner, peer, d, dec.inner);
+    }
     let pkt = &d[dec.inner.clone()];
     let ok = match kind {
         Kind::Tap => dec.next_header == NH_ETHERNET,
@@ -1245,13 +1374,128 @@ fn receive_one<'t>(
             return None;
         }
     }
-    Some((peer, dec.inner))
+    Some((peer, dec.inner, None))
 }
+
+/// A decapsulated super-packet sent whole (Next Header [`NH_SUPER`], `d[r]` = prefix + IP
+/// packet): validated like a header read from our own TUN (refusals counted
+/// `drop_super_<why>`), spoof-checked, then made ready for the device in place (IPv4 header
+/// checksum, pseudo-header sum in the TCP checksum field, the vnet header in front on a
+/// vnet-header device; [`to_device`] splits it on a device without).
+fn receive_whole<'t>(
+    inner: &Inner,
+    peer: &'t Peer,
+    d: &mut [u8],
+    r: Range<usize>,
+) -> Option<(&'t Peer, Range<usize>, Option<Super>)> {
+    let s = match offload::parse_super(&d[r.clone()]) {
+        Ok(s) => s,
+        Err(why) => {
+            inner.drop_pkt(Some(peer), Drop::Super(why));
+            return None;
+        }
+    };
+    let ip = r.start + SUPER_PREFIX_LEN..r.end;
+    let allowed = inner_addrs(&d[ip.clone()])
+        .is_some_and(|(src, _)| peer.allowed.iter().any(|p| p.contains(src)));
+    if !allowed {
+        inner.drop_pkt(Some(peer), Drop::Spoofed);
+        return None;
+    }
+    let hz = inner.device.vnet_hdr_len();
+    if hz == 0 {
+        add(&inner.io.wire_rx_super, 1);
+        return Some((peer, ip, Some(s)));
+    }
+    // The ESP header and the prefix lie in front of the packet: room for the vnet header.
+    if ip.start < hz {
+        inner.drop_pkt(
+            Some(peer),
+            Drop::Super(offload::OffloadDrop::BufferTooSmall),
+        );
+        return None;
+    }
+    let vh = offload::super_for_tun(&s, &mut d[ip.clone()]);
+    vh.write(&mut d[ip.start - hz..ip.start], hz);
+    add(&inner.io.wire_rx_super, 1);
+    Some((peer, ip.start - hz..ip.end, Some(s)))
+}
+
+/// An accepted inner packet: its peer, the packet, and for a super-packet received whole its
+/// layout (the packet then has the device's vnet header in front, if the device has one).
+type Accepted<'a> = (&'a Peer, &'a [u8], Option<Super>);
 
 /// The last step of every receive path: write accepted inner packets to the device and count
 /// them (or count the failed writes). With `gro` (a vnet-header device) in-order TCP segments
-/// of one flow are coalesced into super-packets, one write each.
-fn to_device(inner: &Inner, gro: Option<&mut Gro>, pkts: &[(&Peer, &[u8])]) {
+/// of one flow are coalesced into super-packets, one write each. A super-packet received
+/// whole is written as it came (split into segments on a device without vnet headers), after
+/// everything accepted before it (so each flow keeps its order).
+fn to_device(inner: &Inner, mut gro: Option<&mut Gro>, pkts: &[Accepted]) {
+    let mut from = 0;
+    for (i, p) in pkts.iter().enumerate() {
+        if let Some(s) = p.2 {
+            to_device_run(inner, gro.as_deref_mut(), &pkts[from..i]);
+            whole_to_device(inner, p.0, p.1, &s);
+            from = i + 1;
+        }
+    }
+    to_device_run(inner, gro, &pkts[from..]);
+}
+
+/// Write one super-packet received whole and count it as the segments it stands for.
+fn whole_to_device(inner: &Inner, peer: &Peer, pkt: &[u8], s: &Super) {
+    let dev = &inner.device;
+    let io = &inner.io;
+    let hz = dev.vnet_hdr_len();
+    let count = |segs: u64, bytes: u64, wrote: u64| {
+        add(&io.dev_writes, 1);
+        add(&io.dev_write_bytes, wrote);
+        add(&peer.traffic.rx_packets, segs);
+        add(&peer.traffic.rx_bytes, bytes);
+        add(&inner.totals.rx_packets, segs);
+        add(&inner.totals.rx_bytes, bytes);
+    };
+    if hz > 0 {
+        let ip = pkt.len() - hz;
+        let segs = s.segments as u64;
+        if inner.write_queue(&pkt[hz..]).send_vnet(pkt).is_err() {
+            for _ in 0..segs {
+                inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
+            }
+            return;
+        }
+        if segs > 1 {
+            add(&io.dev_write_super, 1);
+        }
+        count(segs, s.segment_bytes(ip) as u64, ip as u64);
+        return;
+    }
+    // No vnet header: the segments, one write each (never announced for such a device, but
+    // an authenticated peer may still send it).
+    let mut seg = [vec![0u8; MAX_PACKET]];
+    let mut len = [0usize];
+    for i in 0..s.segments {
+        match offload::split_from(&s.hdr, pkt, i, &mut seg, 0, &mut len) {
+            Ok(_) => {
+                let n = len[0];
+                if inner.write_queue(&seg[0][..n]).send(&seg[0][..n]).is_err() {
+                    inner.drop_pkt(Some(peer), DropReason::DeviceWrite.into());
+                } else {
+                    count(1, n as u64, n as u64);
+                }
+            }
+            Err(why) => {
+                inner.drop_pkt(Some(peer), Drop::Super(why));
+                return;
+            }
+        }
+    }
+}
+
+fn to_device_run(inner: &Inner, gro: Option<&mut Gro>, pkts: &[Accepted]) {
+    if pkts.is_empty() {
+        return;
+    }
     let dev = &inner.device;
     let io = &inner.io;
     let write = |peer: &Peer, r: io::Result<()>, segs: u64, bytes: u64, wrote: u64| {
@@ -1269,24 +1513,24 @@ fn to_device(inner: &Inner, gro: Option<&mut Gro>, pkts: &[(&Peer, &[u8])]) {
         add(&inner.totals.rx_bytes, bytes);
     };
     let Some(gro) = gro else {
-        for (peer, pkt) in pkts {
+        for (peer, pkt, _) in pkts {
             let n = pkt.len() as u64;
             write(peer, inner.write_queue(pkt).send(pkt), 1, n, n);
         }
         return;
     };
-    let only: Vec<&[u8]> = pkts.iter().map(|(_, p)| *p).collect();
+    let only: Vec<&[u8]> = pkts.iter().map(|(_, p, _)| *p).collect();
     let hz = dev.vnet_hdr_len();
     for o in gro.coalesce(&only).to_vec() {
         match o {
             GroOut::Pass(i) => {
-                let (peer, pkt) = pkts[i];
+                let (peer, pkt, _) = pkts[i];
                 let n = pkt.len() as u64;
                 write(peer, inner.write_queue(pkt).send(pkt), 1, n, n);
             }
             GroOut::Merged { slot, segments } => {
                 let buf = gro.merged(slot);
-                let (peer, head) = pkts[gro.head(slot)];
+                let (peer, head, _) = pkts[gro.head(slot)];
                 let ip = (buf.len() - hz) as u64;
                 // Every segment carried the same headers (hdr_len bytes): the inner bytes
                 // received are the merged packet's plus the headers it saved.
