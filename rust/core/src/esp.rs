@@ -18,6 +18,8 @@ use crate::replay::{ReplayError, ReplayWindow, DEFAULT_WINDOW, MAX_WINDOW, MIN_W
 
 mod batch;
 
+pub use batch::PreIcv;
+
 /// SPI + sequence number.
 pub const HEADER_LEN: usize = 8;
 /// Offset of the (encrypted) payload: header + IV.

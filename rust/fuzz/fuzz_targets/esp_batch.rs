@@ -23,7 +23,9 @@ fn fill(inp: &mut Input<'_>, n: usize) -> Vec<u8> {
     if seed.is_empty() {
         return vec![0; n];
     }
-    (0..n).map(|i| seed[i % seed.len()] ^ (i / seed.len()) as u8).collect()
+    (0..n)
+        .map(|i| seed[i % seed.len()] ^ (i / seed.len()) as u8)
+        .collect()
 }
 
 fn hmac_case(inp: &mut Input<'_>) {
@@ -56,7 +58,11 @@ fn hmac_case(inp: &mut Input<'_>) {
 fn esp_case(inp: &mut Input<'_>) {
     let p = SaParams::from_byte(inp.u8());
     let mut rx_serial = p.sa();
-    let base = if p.esn { inp.u64() % (1 << 40) } else { inp.u32() as u64 / 2 };
+    let base = if p.esn {
+        inp.u64() % (1 << 40)
+    } else {
+        inp.u32() as u64 / 2
+    };
     if base > 0 && !rx_serial.skip_rx_seq_to(base) {
         return;
     }
@@ -77,9 +83,9 @@ fn esp_case(inp: &mut Input<'_>) {
                 3 => fill(inp, len),
                 _ => {
                     // Around the window's top, ahead or behind.
-                    let delta = inp.u16() as i64 - 0x8000 + (inp.u8() as i64 - 128) * (1 << 24);
-                    let seq = (rx_serial.rx_highest_seq().max(base) as i64 + delta)
-                        .clamp(0, p.seq_max() as i64 - 1) as u64;
+                    let delta = inp.u16() as i128 - 0x8000 + (inp.u8() as i128 - 128) * (1 << 24);
+                    let seq = (rx_serial.rx_highest_seq().max(base) as i128 + delta)
+                        .clamp(0, p.seq_max() as i128 - 1) as u64;
                     let mut tx = tx0.clone();
                     if !tx.skip_tx_seq_to(seq) {
                         continue;

@@ -135,52 +135,86 @@ impl SecurityAssociation {
     /// when the packets are decapsulated one after the other in the order given, with the same
     /// counters and replay window afterwards. The ICVs of the packets that pass the length and
     /// replay checks are computed together, [`LANES`] packets at a time (interleaved on
-    /// SHA-NI); one whose sequence number an earlier packet of the batch changed (ESN
-    /// inference) has its ICV recomputed alone.
-    pub fn decap_batch_in_place<B: AsMut<[u8]>>(
+    /// SHA-NI): [`precompute_icvs`](Self::precompute_icvs), then
+    /// [`decap_in_place_pre`](Self::decap_in_place_pre) on each.
+    pub fn decap_batch_in_place<B: AsMut<[u8]> + AsRef<[u8]>>(
         &mut self,
         pkts: &mut [B],
         results: &mut [Result<Decapped, DropReason>],
     ) {
         let n = pkts.len().min(results.len());
-        let mut start = 0;
-        while start < n {
-            let k = LANES.min(n - start);
-            let group = &mut pkts[start..start + k];
-            let mut seqs: [Option<u64>; LANES] = [None; LANES];
-            let mut seq_hi = [[0u8; 4]; LANES];
-            for (i, p) in group.iter_mut().enumerate() {
-                if let Ok(seq) = self.decap_precheck(p.as_mut()) {
-                    seqs[i] = Some(seq);
-                    seq_hi[i] = ((seq >> 32) as u32).to_be_bytes();
-                }
+        for (group, res) in pkts[..n]
+            .chunks_mut(LANES)
+            .zip(results[..n].chunks_mut(LANES))
+        {
+            let mut pre = [None; LANES];
+            self.precompute_icvs(group, &mut pre);
+            for ((p, r), pre) in group.iter_mut().zip(res).zip(pre) {
+                *r = self.decap_in_place_pre(p.as_mut(), pre);
             }
-            let mut pre: [Option<(u64, [u8; ICV_LEN])>; LANES] = [None; LANES];
-            {
-                let mut msgs: [(&[u8], &[u8]); LANES] = [(&[], &[]); LANES];
-                let mut idx = [0usize; LANES];
-                let mut m = 0;
-                for (i, p) in group.iter_mut().enumerate() {
-                    if seqs[i].is_some() {
-                        let p: &[u8] = p.as_mut();
-                        let suffix: &[u8] = if self.esn { &seq_hi[i] } else { &[] };
-                        msgs[m] = (&p[..p.len() - ICV_LEN], suffix);
-                        idx[m] = i;
-                        m += 1;
-                    }
-                }
-                let mut icvs = [[0u8; ICV_LEN]; LANES];
-                self.mac.icv_multi(&msgs[..m], &mut icvs[..m]);
-                for (&i, icv) in idx[..m].iter().zip(icvs) {
-                    pre[i] = seqs[i].map(|s| (s, icv));
-                }
-            }
-            for (i, p) in group.iter_mut().enumerate() {
-                results[start + i] = self.decap_counted(p.as_mut(), pre[i]);
-            }
-            start += k;
         }
     }
+
+    /// The first phase of batched decap, which changes nothing (so it runs under a shared
+    /// borrow): for each packet that passes the length and replay checks now, its ICV under
+    /// this SA, computed together with the others' ([`LANES`] at a time, interleaved on
+    /// SHA-NI); `None` for the others. `out[i]` is for `pkts[i]`, for every `i` below the
+    /// shorter of the two slices. Pass each to [`decap_in_place_pre`](Self::decap_in_place_pre)
+    /// with the same, unchanged packet.
+    pub fn precompute_icvs<B: AsRef<[u8]>>(&self, pkts: &[B], out: &mut [Option<PreIcv>]) {
+        let n = pkts.len().min(out.len());
+        for (group, out) in pkts[..n].chunks(LANES).zip(out[..n].chunks_mut(LANES)) {
+            let mut seq_hi = [[0u8; 4]; LANES];
+            let mut msgs: [(&[u8], &[u8]); LANES] = [(&[], &[]); LANES];
+            let mut idx = [0usize; LANES];
+            let mut seqs = [0u64; LANES];
+            let mut m = 0;
+            for (i, p) in group.iter().enumerate() {
+                out[i] = None;
+                if let Ok(seq) = self.decap_precheck(p.as_ref()) {
+                    seqs[m] = seq;
+                    seq_hi[m] = ((seq >> 32) as u32).to_be_bytes();
+                    idx[m] = i;
+                    m += 1;
+                }
+            }
+            for j in 0..m {
+                let p = group[idx[j]].as_ref();
+                let suffix: &[u8] = if self.esn { &seq_hi[j] } else { &[] };
+                msgs[j] = (&p[..p.len() - ICV_LEN], suffix);
+            }
+            let mut icvs = [[0u8; ICV_LEN]; LANES];
+            self.mac.icv_multi(&msgs[..m], &mut icvs[..m]);
+            for j in 0..m {
+                out[idx[j]] = Some(PreIcv {
+                    seq: seqs[j],
+                    icv: icvs[j],
+                });
+            }
+        }
+    }
+
+    /// [`decap_in_place`](Self::decap_in_place), with the ICV `pre` computed by
+    /// [`precompute_icvs`](Self::precompute_icvs) on this SA for this very packet: the same
+    /// checks in the same order, the same result and counters; the ICV is computed here only
+    /// if `pre` is `None` or was for another sequence number than the one inferred now (ESN:
+    /// an earlier packet moved the window across an epoch). A `pre` from another SA, or for
+    /// other bytes, is a caller error (the packet is judged by the ICV it carries).
+    pub fn decap_in_place_pre(
+        &mut self,
+        pkt: &mut [u8],
+        pre: Option<PreIcv>,
+    ) -> Result<Decapped, DropReason> {
+        self.decap_counted(pkt, pre.map(|p| (p.seq, p.icv)))
+    }
+}
+
+/// An ICV computed ahead of decapsulation by [`SecurityAssociation::precompute_icvs`], for the
+/// sequence number the packet was taken for then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreIcv {
+    seq: u64,
+    icv: [u8; ICV_LEN],
 }
 
 #[cfg(test)]
