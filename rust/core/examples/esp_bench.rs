@@ -18,7 +18,9 @@
 //!
 //! The second table compares the serial path with the batched one
 //! (`SecurityAssociation::encap_batch_in_place`, `--batch N` packets of one size per call,
-//! default 8: their IVs encrypted together and their CBC chains interleaved through AES-NI) and,
+//! default 8: their IVs encrypted together, their CBC chains interleaved through AES-NI and
+//! their HMACs two at a time through SHA-NI), serial decap with the batched one
+//! (`decap_batch_in_place`, the ICVs of `--batch N` packets computed together) and,
 //! for the cipher alone, one packet's CBC (`Cipher::cbc_encrypt`) with `cbc_multi` over the
 //! same 8 packets. `ossl-stitch` is OpenSSL's own stitched AES-128-CBC-HMAC-SHA256 EVP cipher
 //! (one stream, AES and SHA interleaved in one pass; the TLS-record construction, not ESP's, but
@@ -31,6 +33,7 @@ use std::time::{Duration, Instant};
 use simpletun_core::cbc_multi::cbc_encrypt_multi;
 use simpletun_core::crypto::Cipher;
 use simpletun_core::esp::{encap_len, padded_len, SecurityAssociation, NH_IPV4, PAYLOAD_OFFSET};
+use simpletun_core::DropReason;
 
 const DEFAULT_SIZES: [usize; 5] = [64, 512, 1420, 8192, 65000];
 const SPI: u32 = 0x1000;
@@ -239,8 +242,9 @@ fn bench_cbc(key_bits: usize, n: usize, multi: bool, secs: u32, clock: &Clock) -
 }
 
 /// Decapsulation rate in MB/s of inner bytes. A pool of valid packets (consecutive sequence
-/// numbers) is decapsulated in place, timed; then the pool is encapsulated afresh, untimed.
-fn bench_decap(key_bits: usize, n: usize, secs: u32, clock: &Clock) -> f64 {
+/// numbers) is decapsulated in place, timed, one by one (`batch` 0) or `batch` packets per
+/// `decap_batch_in_place` call; then the pool is encapsulated afresh, untimed.
+fn bench_decap(key_bits: usize, n: usize, batch: usize, secs: u32, clock: &Clock) -> f64 {
     let (mut tx, mut rx) = sa_pair(key_bits);
     let mut pool: Vec<Vec<u8>> = (0..batch_len(n)).map(|_| vec![0u8; encap_len(n)]).collect();
     let refill = |tx: &mut SecurityAssociation, pool: &mut Vec<Vec<u8>>| {
@@ -261,9 +265,17 @@ fn bench_decap(key_bits: usize, n: usize, secs: u32, clock: &Clock) -> f64 {
     while timed < budget {
         refill(&mut tx, &mut pool);
         let t0 = clock.now();
-        for buf in pool.iter_mut() {
-            let d = rx.decap_in_place(black_box(buf.as_mut_slice()));
-            black_box(d.is_ok());
+        if batch == 0 {
+            for buf in pool.iter_mut() {
+                let d = rx.decap_in_place(black_box(buf.as_mut_slice()));
+                black_box(d.is_ok());
+            }
+        } else {
+            let mut res = vec![Err(DropReason::BadLength); batch];
+            for group in pool.chunks_mut(batch) {
+                rx.decap_batch_in_place(black_box(group), &mut res);
+                black_box(&res);
+            }
         }
         timed += clock.now() - t0;
         packets += pool.len() as u64;
@@ -298,6 +310,7 @@ struct Row {
     cbc1: f64,
     cbc8: f64,
     decap: f64,
+    decap_batch: f64,
     stitched: Option<f64>,
     aes_enc: Option<f64>,
     /// At the size rounded up to a whole number of blocks (see `main`).
@@ -359,7 +372,10 @@ fn main() {
                     .max(bench_encap_batch(bits, n, o.batch, o.seconds, &clock));
                 r.cbc1 = r.cbc1.max(bench_cbc(bits, n, false, o.seconds, &clock));
                 r.cbc8 = r.cbc8.max(bench_cbc(bits, n, true, o.seconds, &clock));
-                r.decap = r.decap.max(bench_decap(bits, n, o.seconds, &clock));
+                r.decap = r.decap.max(bench_decap(bits, n, 0, o.seconds, &clock));
+                r.decap_batch = r
+                    .decap_batch
+                    .max(bench_decap(bits, n, o.batch, o.seconds, &clock));
                 if o.openssl {
                     let alg = format!("aes-{bits}-cbc");
                     let e = openssl_speed(&["-evp", &alg], n, o.seconds, o.wall);
@@ -435,15 +451,18 @@ fn main() {
     for (ki, &bits) in o.keys.iter().enumerate() {
         println!();
         println!(
-            "AES-{bits}: serial vs batched encap (--batch {}), CBC alone 1 vs 8 lanes, same run",
+            "AES-{bits}: serial vs batched encap and decap (--batch {}), CBC alone 1 vs 8 lanes, same run",
             o.batch
         );
         println!(
-            "{:>6} | {:>7} {:>7} {:>6} | {:>7} {:>7} {:>6} | {:>7} {:>11} | {:>7} {:>7} {:>7}",
+            "{:>6} | {:>7} {:>7} {:>6} | {:>7} {:>7} {:>6} | {:>7} {:>7} {:>6} | {:>7} {:>11} | {:>7} {:>7} {:>7}",
             "bytes",
             "encap",
             "batched",
             "b/ser",
+            "decap",
+            "dec-bat",
+            "db/d",
             "cbc-1",
             "cbc-8",
             "8/1",
@@ -457,11 +476,14 @@ fn main() {
             let r = rows[ki][si];
             let comb16 = combined(r.aes_enc16, hmac[si]);
             println!(
-                "{:>6} | {:>7.1} {:>7.1} {:>6.3} | {:>7.1} {:>7.1} {:>6.2} | {:>7} {:>11} | {:>7} {:>7} {:>7}",
+                "{:>6} | {:>7.1} {:>7.1} {:>6.3} | {:>7.1} {:>7.1} {:>6.3} | {:>7.1} {:>7.1} {:>6.2} | {:>7} {:>11} | {:>7} {:>7} {:>7}",
                 n,
                 r.encap,
                 r.encap_batch,
                 r.encap_batch / r.encap,
+                r.decap,
+                r.decap_batch,
+                r.decap_batch / r.decap,
                 r.cbc1,
                 r.cbc8,
                 r.cbc8 / r.cbc1,
@@ -484,7 +506,8 @@ fn main() {
          comb16 = 1/(1/enc@16n + 1/hmac), enc/c16 = encap/comb16"
     );
     println!(
-        "batched: encap_batch_in_place, b/ser = batched/encap; cbc-1/cbc-8: AES-CBC alone, one \
+        "batched: encap_batch_in_place, b/ser = batched/encap; dec-bat: decap_batch_in_place, \
+         db/d = dec-bat/decap; cbc-1/cbc-8: AES-CBC alone, one \
          chain at a time / 8 interleaved; bat/c16 = batched/comb16; ossl-stitch: openssl \
          aes-128-cbc-hmac-sha256 (128-bit keys only), bat/st = batched/ossl-stitch"
     );

@@ -16,6 +16,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
+use crate::sha256_multi::HmacKeys;
+
 pub const BLOCK_LEN: usize = 16;
 pub const IV_LEN: usize = 16;
 /// HMAC-SHA-256-128: the ICV is the HMAC-SHA-256 output truncated to 128 bits.
@@ -128,19 +130,27 @@ impl Cipher {
     }
 }
 
-/// HMAC-SHA-256 keyed once; each packet clones the keyed state (no per-packet key schedule).
+/// HMAC-SHA-256 keyed once: the `hmac` crate's keyed state (which holds the key's inner and
+/// outer midstates, so a clone per packet costs no key compressions) for one message, and the
+/// same midstates in [`HmacKeys`] for several messages interleaved on SHA-NI.
 #[derive(Clone)]
-pub struct Hmac256(Hmac<Sha256>);
+pub struct Hmac256 {
+    one: Hmac<Sha256>,
+    multi: HmacKeys,
+}
 
 impl Hmac256 {
     /// Any key length is valid for HMAC (RFC 2104); the ESP SA enforces RFC 4868's 32 bytes.
     pub fn new(key: &[u8]) -> Hmac256 {
-        Hmac256(<Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length"))
+        Hmac256 {
+            one: <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length"),
+            multi: HmacKeys::new(key),
+        }
     }
 
     /// The full 32-byte HMAC-SHA-256 of the concatenation of `parts`.
     pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
-        let mut m = self.0.clone();
+        let mut m = self.one.clone();
         for p in parts {
             m.update(p);
         }
@@ -153,6 +163,22 @@ impl Hmac256 {
         let mut out = [0u8; ICV_LEN];
         out.copy_from_slice(&full[..ICV_LEN]);
         out
+    }
+
+    /// The ICVs of several messages, each `body || suffix` (the suffix at most
+    /// [`MAX_SUFFIX`](crate::sha256_multi::MAX_SUFFIX) bytes, e.g. ESN's high sequence bits), computed together
+    /// (interleaved on SHA-NI); `out[i]` is `icv(&[body_i, suffix_i])` for every `i` below the
+    /// shorter of the two slices.
+    pub fn icv_multi(&self, msgs: &[(&[u8], &[u8])], out: &mut [[u8; ICV_LEN]]) {
+        const CHUNK: usize = 8;
+        let n = msgs.len().min(out.len());
+        for (m, o) in msgs[..n].chunks(CHUNK).zip(out[..n].chunks_mut(CHUNK)) {
+            let mut full = [[0u8; 32]; CHUNK];
+            self.multi.mac_multi(m, &mut full);
+            for (o, f) in o.iter_mut().zip(&full) {
+                o.copy_from_slice(&f[..ICV_LEN]);
+            }
+        }
     }
 }
 

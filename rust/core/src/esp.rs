@@ -18,7 +18,7 @@ use crate::replay::{ReplayError, ReplayWindow, DEFAULT_WINDOW, MAX_WINDOW, MIN_W
 
 mod batch;
 
-pub use batch::{TxBlock, TxCounters};
+pub use batch::{PreIcv, TxBlock, TxCounters};
 
 /// SPI + sequence number.
 pub const HEADER_LEN: usize = 8;
@@ -331,7 +331,17 @@ impl SecurityAssociation {
     /// decrypts and checks the padding; the window is advanced only once the ICV verified.
     /// Every failure is counted in [`stats`](Self::stats).
     pub fn decap_in_place(&mut self, pkt: &mut [u8]) -> Result<Decapped, DropReason> {
-        let r = self.decap_inner(pkt);
+        self.decap_counted(pkt, None)
+    }
+
+    /// [`decap_in_place`](Self::decap_in_place) with the ICV perhaps computed beforehand for
+    /// sequence number `pre.0` (batched decap); any other inferred number computes it here.
+    fn decap_counted(
+        &mut self,
+        pkt: &mut [u8],
+        pre: Option<(u64, [u8; ICV_LEN])>,
+    ) -> Result<Decapped, DropReason> {
+        let r = self.decap_inner(pkt, pre);
         match &r {
             Ok(d) => {
                 self.stats.decap_packets += 1;
@@ -342,7 +352,9 @@ impl SecurityAssociation {
         r
     }
 
-    fn decap_inner(&mut self, pkt: &mut [u8]) -> Result<Decapped, DropReason> {
+    /// The first checks of decap, which change nothing: length, then the replay window. The
+    /// full sequence number the packet is taken for.
+    fn decap_precheck(&self, pkt: &[u8]) -> Result<u64, DropReason> {
         let len = pkt.len();
         if len < MIN_PACKET_LEN || (len - PAYLOAD_OFFSET - ICV_LEN) % BLOCK_LEN != 0 {
             return Err(DropReason::BadLength);
@@ -356,13 +368,22 @@ impl SecurityAssociation {
         self.window
             .check(seq)
             .map_err(|_: ReplayError| DropReason::Replay)?;
+        Ok(seq)
+    }
 
+    fn decap_inner(
+        &mut self,
+        pkt: &mut [u8],
+        pre: Option<(u64, [u8; ICV_LEN])>,
+    ) -> Result<Decapped, DropReason> {
+        let seq = self.decap_precheck(pkt)?;
+        let len = pkt.len();
         let authed_end = len - ICV_LEN;
         let seq_hi = ((seq >> 32) as u32).to_be_bytes();
-        let icv = if self.esn {
-            self.mac.icv(&[&pkt[..authed_end], &seq_hi])
-        } else {
-            self.mac.icv(&[&pkt[..authed_end]])
+        let icv = match pre {
+            Some((s, icv)) if s == seq => icv,
+            _ if self.esn => self.mac.icv(&[&pkt[..authed_end], &seq_hi]),
+            _ => self.mac.icv(&[&pkt[..authed_end]]),
         };
         if !crypto::ct_eq(&icv, &pkt[authed_end..]) {
             return Err(DropReason::Auth);

@@ -5,6 +5,8 @@
 //!   HMAC-SHA-256-128 (RFC 4868).
 //! - [`cbc_multi`]: multi-buffer AES-CBC encryption (several packets' chains interleaved), used by
 //!   [`SecurityAssociation::encap_batch_in_place`].
+//! - [`sha256_multi`]: multi-buffer SHA-256 on SHA-NI (two messages' rounds interleaved) and
+//!   HMAC-SHA-256 over several messages at once, used by the batched encap and decap.
 //! - [`replay`]: the RFC 4303 §3.4.3 anti-replay window as an RFC 6479 bitmap, with ESN inference.
 //! - [`frame`]: the 2-byte big-endian length-prefixed framing of the classic simpletun.c.
 //! - [`mod@drop`]: the reasons a packet is dropped, shared by every layer's counters.
@@ -27,6 +29,7 @@ pub mod frame;
 pub mod offload;
 pub mod proto;
 pub mod replay;
+pub mod sha256_multi;
 pub mod tun;
 
 pub use drop::DropReason;

@@ -1064,3 +1064,73 @@ fn stream_transport_rfc8229_bad_streams_are_closed_and_counted() {
     }
     assert!(dp.running());
 }
+
+/// A burst of datagrams received in one batch, so that runs of one SA's packets have their
+/// ICVs computed together before each is judged: every genuine packet reaches the device once
+/// and in order, a duplicate counts as a replay, a forged one as an authentication failure,
+/// and a second peer's packets interleaved with the first's are unaffected.
+#[test]
+fn burst_received_in_one_batch_is_judged_packet_by_packet() {
+    let (net, server, clients) = star(2);
+    let to = addr("192.0.2.1:4500");
+    let (from1, from2) = (addr("198.51.100.1:4500"), addr("198.51.100.2:4500"));
+    // The clients' outbound SAs (same SPIs and keys), driven by hand.
+    let mut tx1 = sa(0x1001, 1);
+    let mut tx2 = sa(0x1002, 2);
+    let mut burst = Vec::new();
+    let mut want = Vec::new();
+    let (mut replays, mut forged) = (0u64, 0u64);
+    for i in 0..60u64 {
+        let p = tx1
+            .encap(&ipv4([10, 0, 1, 5], [10, 0, 0, 1], i), None)
+            .unwrap();
+        match i % 10 {
+            3 => {
+                burst.push((p.clone(), from1));
+                burst.push((p, from1));
+                want.push(i);
+                replays += 1;
+            }
+            5 => {
+                let mut f = p;
+                let l = f.len();
+                f[l - 30] ^= 0x01;
+                burst.push((f, from1));
+                forged += 1;
+            }
+            7 => {
+                let q = tx2
+                    .encap(&ipv4([10, 0, 2, 9], [10, 0, 0, 1], 1000 + i), None)
+                    .unwrap();
+                burst.push((p, from1));
+                want.push(i);
+                burst.push((q, from2));
+                want.push(1000 + i);
+            }
+            _ => {
+                burst.push((p, from1));
+                want.push(i);
+            }
+        }
+    }
+    server.sock.hold(true);
+    for (d, from) in &burst {
+        assert!(net.inject(to, *from, d));
+    }
+    assert_eq!(server.sock.queued(), burst.len());
+    server.sock.hold(false);
+    let got: Vec<u64> = (0..want.len())
+        .map(|_| tag(&server.dev.take(T).expect("a delivered packet")))
+        .collect();
+    assert_eq!(got, want);
+    eventually("drops counted", || {
+        get(server.dp.totals(), "drop_replay") == replays
+            && get(server.dp.totals(), "drop_auth") == forged
+    });
+    assert_eq!(server.dev.take(Duration::from_millis(50)), None);
+    assert_eq!(
+        peer_get(&server.dp, clients[0].2, "rx_packets"),
+        60 - forged
+    );
+    assert_eq!(peer_get(&server.dp, clients[1].2, "rx_packets"), 6);
+}

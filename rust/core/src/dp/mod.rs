@@ -52,7 +52,7 @@ pub use transport::{Datagram, Transport, TransportKind};
 
 use crate::drop::DropReason;
 use crate::esp::{
-    encap_len, infer_next_header, SaStats, SecurityAssociation, TxCounters, MAX_OVERHEAD,
+    encap_len, infer_next_header, PreIcv, SaStats, SecurityAssociation, TxCounters, MAX_OVERHEAD,
     NH_ETHERNET, NH_IPV4, NH_IPV6, NH_NONE, NH_SUPER, PAYLOAD_OFFSET,
 };
 use crate::offload::{self, Gro, GroOut, Super, VnetHdr, SUPER_PREFIX_LEN};
@@ -395,6 +395,7 @@ impl DataPlane {
             from,
             false,
             (now_ms(), Instant::now()),
+            None,
         );
         if let Some((peer, r, whole)) = got {
             to_device(&self.inner, None, &[(peer, &data[r], whole)]);
@@ -1191,6 +1192,7 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
     let udp = tr.carries_control();
     let mut bufs = bufs();
     let mut got: Vec<Datagram> = Vec::with_capacity(BATCH);
+    let mut pre: Vec<Option<PreIcv>> = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();
     let hz = inner.device.vnet_hdr_len();
     let mut gro = (hz > 0).then(|| Gro::new(hz, GRO_SLOTS));
@@ -1224,17 +1226,22 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
         }
         let t = inner.read();
         let now = (now_ms(), Instant::now());
+        pre.clear();
+        pre.resize(got.len(), None);
+        if !t.transports.get(id).is_some_and(|tr| tr.plaintext()) {
+            precompute_icvs(&t, &bufs, &got, &mut pre);
+        }
         let mut from = 0;
         while from < got.len() {
             // Decapsulate in place until RX_FLUSH packets are accepted, then write those.
             let mut accepted: Vec<(&Peer, usize, Range<usize>, Option<Super>)> =
                 Vec::with_capacity(RX_FLUSH);
             while from < got.len() && accepted.len() < RX_FLUSH {
-                let dg = got[from];
+                let (dg, pre) = (got[from], pre[from]);
                 from += 1;
                 let d = &mut bufs[dg.buf][dg.start..dg.start + dg.len];
                 if let Some((peer, r, whole)) =
-                    receive_one(inner, &t, id, udp, d, dg.from, dg.truncated, now)
+                    receive_one(inner, &t, id, udp, d, dg.from, dg.truncated, now, pre)
                 {
                     accepted.push((peer, dg.buf, dg.start + r.start..dg.start + r.end, whole));
                 }
@@ -1253,8 +1260,45 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
     }
 }
 
+/// The ICVs of a receive batch's ESP datagrams computed ahead, several at a time
+/// ([`SecurityAssociation::precompute_icvs`]): each run of consecutive datagrams (two to
+/// [`cbc_multi::LANES`](crate::cbc_multi::LANES)) with one known inbound SPI, under one lock of
+/// that SA. Counts nothing and changes no state: [`receive_one`] still classifies every
+/// datagram, and uses `pre[i]` only when it decapsulates datagram `i` with that same SA.
+fn precompute_icvs(t: &Tables, bufs: &[Vec<u8>], got: &[Datagram], pre: &mut [Option<PreIcv>]) {
+    const MAX_RUN: usize = crate::cbc_multi::LANES;
+    let spi_of = |dg: &Datagram| {
+        (!dg.truncated && dg.len >= 8).then(|| {
+            let d = &bufs[dg.buf][dg.start..];
+            u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+        })
+    };
+    let mut i = 0;
+    while i < got.len() {
+        let Some(spi) = spi_of(&got[i]) else {
+            i += 1;
+            continue;
+        };
+        let mut end = i + 1;
+        while end < got.len() && end - i < MAX_RUN && spi_of(&got[end]) == Some(spi) {
+            end += 1;
+        }
+        if end - i >= 2 {
+            if let Some(s) = t.inbound.get(&spi) {
+                let mut pkts: [&[u8]; MAX_RUN] = [&[]; MAX_RUN];
+                for (p, dg) in pkts.iter_mut().zip(&got[i..end]) {
+                    *p = &bufs[dg.buf][dg.start..dg.start + dg.len];
+                }
+                lock(&s.sa).precompute_icvs(&pkts[..end - i], &mut pre[i..end]);
+            }
+        }
+        i = end;
+    }
+}
+
 /// Classify and handle one received datagram (the body of the receive loop; also called
-/// directly by tests and the fuzz target). Every datagram ends in exactly one counter.
+/// directly by tests and the fuzz target). Every datagram ends in exactly one counter. `pre`:
+/// its ICV if [`precompute_icvs`] computed it (under the SA its SPI names in `t`).
 /// Returns the accepted inner packet (where it lies in `d`) and its peer, for [`to_device`];
 /// for a super-packet received whole also its layout, the packet then starting with the
 /// device's vnet header (written in place) when the device has one.
@@ -1268,6 +1312,7 @@ fn receive_one<'t>(
     from: SocketAddr,
     truncated: bool,
     now: (u64, Instant),
+    pre: Option<PreIcv>,
 ) -> Option<(&'t Peer, Range<usize>, Option<Super>)> {
     let dev = &inner.device;
     let kind = dev.kind();
@@ -1328,7 +1373,7 @@ fn receive_one<'t>(
         inner.totals.drop(DropReason::UnknownSpi.into());
         return None;
     }
-    let r = lock(&s.sa).decap_in_place(d);
+    let r = lock(&s.sa).decap_in_place_pre(d, pre);
     let dec = match r {
         Ok(dec) => dec,
         Err(reason) => {
