@@ -3,7 +3,8 @@
 # tunnel ends, bytes per TUN read / datagram / TUN write, drops and ping RTT at 1, 20 and 100
 # pings/s between two network namespaces: bare veth, simpletun ESP over TCP, UDP and raw ESP
 # (with and without offloads; --base DIR adds another checkout's simpletun), in interleaved
-# rounds. Prints a table; --plot FILE.png draws it. Options: scripts/bench_tunnel.py --help.
+# rounds. Prints a table; --plot FILE.png draws it. --peers also installs (scripts/setup-peers.sh)
+# and runs OpenVPN, boringtun and wireguard-go in the same rounds. Options: bench_tunnel.py --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -11,6 +12,11 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 bash scripts/setup.sh
+for arg in "$@"; do
+    if [ "$arg" = --peers ]; then
+        bash scripts/setup-peers.sh # never fails: a peer it cannot install gets a "not run" row
+    fi
+done
 for tool in iperf3 ping ip; do
     command -v "$tool" >/dev/null || { echo "bench-tunnel: '$tool' is missing" >&2; exit 1; }
 done

@@ -3,14 +3,15 @@ veth and through simpletun: ESP over TCP, ESP-in-UDP and raw ESP (tunnel MTU 140
 datagram transports so that the outer packets fit the 1500-byte veth), each with offloads (TUN
 TSO/GRO, and UDP GSO/GRO) and without (``SIMPLETUN_OFFLOADS=0``), and, with
 ``--base DIR``, the same transports run by another checkout's simpletun (e.g. main before a
-change).
+change), and, with ``--peers``, other VPNs: OpenVPN (UDP, AES-256-GCM), boringtun and
+wireguard-go (``scripts/bench_peers.py``; ``scripts/setup-peers.sh`` installs them).
 
 Rounds are interleaved (every configuration once per round, in order) and every figure of a
 row is the median over the rounds; ratios to the bare veth are taken within each round, so a
 machine that gets busier or quieter during the run shifts all rows alike. Per row:
 
 - Gbit/s and × veth (iperf3 single flow, B → A; ``--flows N``: N parallel flows, ``-P N``);
-- CPU-s/GB: user + system CPU time of both simpletun processes (``/proc/PID/stat``) during the
+- CPU-s/GB: user + system CPU time of both tunnel-end processes (``/proc/PID/stat``) during the
   iperf3 run, per GB received (the noise-robust figure on a shared machine);
 - B/read, B/dgram, B/write: bytes per TUN read at the sender, per datagram it sent, per TUN
   write at the receiver (the data plane's counters, logged on SIGUSR1; not for ``--base``);
@@ -40,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "netns"))
 
+import bench_peers  # noqa: E402
 from dgtunnel import DatagramPair  # noqa: E402
 
 from simpletun.config import max_queues  # noqa: E402
@@ -55,7 +57,9 @@ TARGET_ADDED_RTT_MS = 0.15
 OFF = {"SIMPLETUN_OFFLOADS": "0"}
 
 
-def configs(key: Path, base_cmd: str | None, only: list[str] | None) -> list[dict]:
+def configs(
+    key: Path, base_cmd: str | None, only: list[str] | None, peers: bool = False
+) -> list[dict]:
     esp = {"key_a": key, "cipher": "aes-128-cbc"}
     udp = {**esp, "transport": "udp", "mtu": 1400}
     raw = {**esp, "transport": "raw", "mtu": 1400}
@@ -79,9 +83,24 @@ def configs(key: Path, base_cmd: str | None, only: list[str] | None) -> list[dic
             {"name": "base ESP/UDP", "kw": udp, "cmd": base_cmd},
             {"name": "base raw ESP", "kw": raw, "cmd": base_cmd},
         ]
+    if peers:
+        rows += peer_configs()
     if only:
         rows = [r for r in rows if r["kw"] is None or any(o in r["name"] for o in only)]
     return rows
+
+
+def peer_configs() -> list[dict]:
+    """One row per peer VPN; a peer that is not installed gets ``why`` (its row says so)."""
+    return [
+        {
+            "name": bench_peers.row_name(p, bench_peers.version(p)),
+            "kw": {},
+            "peer": p,
+            "why": bench_peers.missing(p),
+        }
+        for p in bench_peers.PEERS
+    ]
 
 
 def iperf(lab: Lab, dst: str, seconds: float, flows: int = 1) -> tuple[float, int]:
@@ -144,7 +163,9 @@ def udp_rcvbuf_errors(lab: Lab, ns: str) -> int:
 def snapshot(lab: Lab, t, counters: bool) -> dict:
     s = {
         "cpu": cpu_seconds([t.server.pid, t.client.pid]),
-        "tun_drops": read_int(lab, lab.ns_b, f"/sys/class/net/{DEV}/statistics/tx_dropped"),
+        "tun_drops": read_int(
+            lab, lab.ns_b, f"/sys/class/net/{getattr(t, 'dev_b', DEV)}/statistics/tx_dropped"
+        ),
         "rcvbuf": udp_rcvbuf_errors(lab, lab.ns_a),
     }
     if counters:
@@ -165,13 +186,19 @@ def measure(lab: Lab, cfg: dict, args) -> dict:
     try:
         if cfg["kw"] is None:
             dst = VETH_A_ADDR
+        elif "peer" in cfg:
+            if cfg.get("why"):
+                raise bench_peers.PeerError(cfg["why"])
+            t = bench_peers.PeerPair(lab, cfg["peer"])
+            t.start(timeout=30)
+            dst = TUN_A_ADDR
         else:
             kw = dict(cfg["kw"], env=cfg.get("env"), cmd=cfg.get("cmd"))
             t = DatagramPair(lab, **kw) if "transport" in kw else TunnelPair(lab, **kw)
             t.start(timeout=30)
             dst = TUN_A_ADDR
         row: dict = {"config": cfg["name"], "load": os.getloadavg()[0]}
-        counters = t is not None and cfg.get("cmd") is None
+        counters = t is not None and cfg.get("cmd") is None and "peer" not in cfg
         before = snapshot(lab, t, counters) if t else None
         row["gbps"], nbytes = iperf(lab, dst, args.time, args.flows)
         if t is not None:
@@ -244,10 +271,10 @@ def table(summary: list[dict]) -> list[str]:
     cols = ["configuration", "Gbit/s", "x veth", "CPU-s/GB", "B/read", "B/dgram", "B/write"]
     cols += ["drops dp/tun/udp"]
     cols += [f"RTT@{r}/s (+veth)" for r in RATES]
-    rows = []
+    rows: list[list[str] | str] = []
     for s in summary:
         if "error" in s:
-            rows.append([s["config"], "FAILED"] + [""] * (len(cols) - 2))
+            rows.append(s["config"])  # a line of its own: "not run: why"
             continue
         drops = "/".join(fmt(s[k], ".0f") for k in ("dp_drops", "tun_drops", "rcvbuf_errors"))
         cells = [
@@ -264,15 +291,52 @@ def table(summary: list[dict]) -> list[str]:
             added = "" if s["config"] == "bare veth" else f" ({s[f'added{r}']:+.3f})"
             cells.append(f"{s[f'rtt{r}']:.3f}{added}")
         rows.append(cells)
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    cells_rows = [r for r in rows if isinstance(r, list)]
+    widths = [max(len(c), *(len(row[i]) for row in cells_rows)) for i, c in enumerate(cols)]
+    widths[0] = max(widths[0], *(len(s["config"]) for s in summary))
+    errors = {s["config"]: s["error"] for s in summary if "error" in s}
 
     def line(cells):
+        if isinstance(cells, str):
+            return f"{cells.ljust(widths[0])}  not run: {errors[cells]}"
         return "  ".join(
             c.ljust(w) if i == 0 else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
     return [line(cols), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def peer_lines(summary: list[dict], rounds: list[list[dict]], cfgs: list[dict]) -> list[str]:
+    """Ratios of simpletun's fastest row to each peer VPN's (medians of per-round ratios) and
+    the note on Debian's wireguard-go."""
+    ours = [
+        i
+        for i, c in enumerate(cfgs)
+        if c["kw"] and "peer" not in c and "cmd" not in c and "error" not in summary[i]
+    ]
+    peers = [i for i, c in enumerate(cfgs) if "peer" in c]
+    if not peers:
+        return []
+    out = []
+    if ours:
+        best = max(ours, key=lambda i: summary[i]["x_veth"])
+        for i in peers:
+            r = bench_peers.ratios(rounds, best, i)
+            if r is None:
+                continue
+            cpu = f", {r[1]:.2f}x its CPU-s/GB" if r[1] is not None else ""
+            out.append(
+                f"simpletun {cfgs[best]['name']} vs {cfgs[i]['name']}: {r[0]:.2f}x its "
+                f"throughput{cpu} (median of per-round ratios)"
+            )
+    out.append(
+        f"peers: tunnel MTU {bench_peers.PEER_MTU}; CPU-s/GB counts both peer processes (all "
+        "their threads); OpenVPN in TLS mode without DCO, boringtun with its default threads"
+    )
+    if any(cfgs[i]["peer"] == "wireguard-go" for i in peers):
+        out.append(bench_peers.WG_GO_NOTE)
+    return out
 
 
 GNUPLOT = """set terminal pngcairo size 1200,700 noenhanced font ",10"
@@ -327,6 +391,11 @@ def main() -> int:
     )
     ap.add_argument("--only", action="append", help="only configurations containing this")
     ap.add_argument("--flows", type=int, default=1, help="parallel TCP flows (iperf3 -P; 1)")
+    ap.add_argument(
+        "--peers",
+        action="store_true",
+        help="also OpenVPN, boringtun and wireguard-go (bench-tunnel.sh installs them)",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--plot", metavar="FILE.png", help="draw x veth and CPU-s/GB (gnuplot)")
     args = ap.parse_args()
@@ -352,7 +421,7 @@ def main() -> int:
         if not srv.alive():
             print(f"bench-tunnel: iperf3 server failed: {srv.stderr()}", file=sys.stderr)
             return 1
-        cfgs = configs(key, base_cmd, args.only)
+        cfgs = configs(key, base_cmd, args.only, args.peers)
         print(
             f"bench-tunnel: {os.cpu_count()} CPUs, load average {load0[0]:.2f}; "
             f"{args.rounds} interleaved rounds of {len(cfgs)} configurations; iperf3 -t "
@@ -406,14 +475,19 @@ def main() -> int:
         f"targets (issue 9, not enforced): ESP >= {TARGET_X_VETH:.2f}x veth, <= "
         f"{TARGET_CPU_PER_GB:g} CPU-s/GB, added median RTT <= {TARGET_ADDED_RTT_MS:g} ms"
     )
+    for line in peer_lines(summary, rounds, cfgs):
+        print(line)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"rounds": rounds, "summary": summary}, indent=2) + "\n"
         )
     if args.plot:
-        why = plot(summary, args.plot, f"simpletun {flows_text(args.flows)}, {os.cpu_count()} CPUs")
+        what = "simpletun and other VPNs" if args.peers else "simpletun"
+        why = plot(summary, args.plot, f"{what}, {flows_text(args.flows)}, {os.cpu_count()} CPUs")
         print(f"plot: {args.plot}" if why is None else f"plot: not drawn: {why}")
-    return 1 if any("error" in s for s in summary) else 0
+    # a peer VPN that cannot run here is reported in its row, not a failure of the benchmark
+    failed = [s for s, c in zip(summary, cfgs, strict=True) if "error" in s and "peer" not in c]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
