@@ -353,7 +353,7 @@ set ytics nomirror
 set y2tics
 set yrange [0:*]
 set y2range [0:*]
-set key top right
+set key outside top center horizontal
 plot '{dat}' using 2:xtic(1) title "x veth" axes x1y1, \\
      '' using 3 title "CPU-s/GB" axes x1y2
 """
