@@ -107,3 +107,29 @@ def test_more_queues_than_cpus_is_one_line(lab_factory, keys, checked):
     assert err.count("\n") == 0, err
     assert f"--queues: queues must be 1-{max_queues()}" in err, err
     checked.append(f"--queues {n} on {max_queues()} CPUs: exit 2, {err!r}")
+
+
+def test_deleted_multi_queue_device_comes_back_with_its_queues(lab_factory, keys, checked):
+    if max_queues() < 2:
+        pytest.skip("one CPU: --queues 2 is refused here (see the refusal test)")
+    lab = lab_factory(tag="stmq")
+    q = ("--queues", "2")
+    t = DatagramPair(lab, transport="udp", key_a=keys[0], mtu=MTU, server_args=q, client_args=q)
+    t.start(timeout=20)
+    try:
+        lab.run(lab.ns_a, ["ip", "link", "del", DEV])
+        t.wait_up(timeout=30)
+        assert "was deleted; recreating it" in t.server.stderr(), t.logs()
+        queues = lab.run(lab.ns_a, ["ls", f"/sys/class/net/{DEV}/queues"]).stdout.decode().split()
+        assert sorted(queues) == ["rx-0", "rx-1", "tx-0", "tx-1"], queues
+        results = _parallel_transfers(t, 2, 4 * 1024 * 1024)
+        after = io_counters(t.server)
+    finally:
+        t.stop()
+    for tx, rx in results:
+        assert tx["sha256"] == rx["sha256"] and rx["bytes"] == 4 * 1024 * 1024, (tx, rx)
+    assert "dev_reads_q1" in after, after
+    checked.append(
+        f"--queues 2: {DEV} deleted -> recreated with 2 queues, 2 flows SHA-256 equal after; "
+        f"server reads per queue {after['dev_reads_q0']}/{after['dev_reads_q1']}"
+    )
