@@ -122,9 +122,6 @@ impl Device for TunDevice {
 /// [`with_vnet`](Self::with_vnet), it models a TUN device opened with `IFF_VNET_HDR`: what is
 /// injected and taken starts with a vnet header (the data plane's plain writes get an empty
 /// one, as the kernel's TUN device would read them).
-/// What [`FakeDevice::answer_quietly`] calls: a delivered packet → the answer, if any.
-pub type Answer = fn(&[u8]) -> Option<Vec<u8>>;
-
 pub struct FakeDevice {
     kind: Kind,
     vnet: usize,
@@ -137,7 +134,7 @@ pub struct FakeDevice {
     /// Called with each delivered packet; what it returns is queued for reading *without*
     /// making the device readable, as a reply the kernel produced during the write that the
     /// device thread has not been woken for (tests of who sends it).
-    pub answer_quietly: Option<Answer>,
+    pub answer_quietly: Option<fn(&[u8]) -> Option<Vec<u8>>>,
 }
 
 impl FakeDevice {
