@@ -131,10 +131,6 @@ pub struct FakeDevice {
     arrived: Condvar,
     /// Most packets held in `delivered` before the device reports "full".
     pub capacity: usize,
-    /// Called with each delivered packet; what it returns is queued for reading *without*
-    /// making the device readable, as a reply the kernel produced during the write that the
-    /// device thread has not been woken for (tests of who sends it).
-    pub answer_quietly: Option<fn(&[u8]) -> Option<Vec<u8>>>,
 }
 
 impl FakeDevice {
@@ -147,7 +143,6 @@ impl FakeDevice {
             delivered: Mutex::new(VecDeque::new()),
             arrived: Condvar::new(),
             capacity: 1 << 20,
-            answer_quietly: None,
         })
     }
 
@@ -162,9 +157,6 @@ impl FakeDevice {
         let mut q = self.delivered.lock().unwrap();
         if q.len() >= self.capacity {
             return Err(io::ErrorKind::WouldBlock.into());
-        }
-        if let Some(reply) = self.answer_quietly.and_then(|f| f(&buf[self.vnet..])) {
-            self.inbound.lock().unwrap().push_back(reply);
         }
         q.push_back(buf);
         self.arrived.notify_all();
