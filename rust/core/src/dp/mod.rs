@@ -745,7 +745,9 @@ fn prepare(
             None => (1, lens[j] as u64),
             Some(s) => {
                 let ip = lens[j] - SUPER_PREFIX_LEN;
-                let n = (ip - s.hl).div_ceil(s.hdr.gso_size.max(1) as usize);
+                let n = ip
+                    .saturating_sub(s.hl)
+                    .div_ceil(s.hdr.gso_size.max(1) as usize);
                 (n as u64, (ip + n.saturating_sub(1) * s.hl) as u64)
             }
         }
