@@ -208,10 +208,21 @@ def test_injected_frames_dropped_under_their_reasons(m, checked):
     )
 
 
+def _super_agreed(m: Mitm) -> bool:
+    """Both ends agreed super-packets in the relayed handshake (version 2, features bit 1)."""
+    from simpletun import handshake
+
+    sh = m.proxy.stats[S2C].controls[0]
+    return sh[5] == handshake.VERSION_FEATURES and bool(sh[7 + handshake.NONCE_LEN] & 1)
+
+
 def test_oversized_length_prefix_refused_without_crash(m, checked):
     from simpletun._core import esp_encap_len
 
-    max_frame = esp_encap_len(1500)
+    # With super-packets agreed both ends take frames up to the 2-byte length's 65535: no
+    # length prefix is oversized then, and such frames of random bytes are unknown SPIs.
+    agreed = _super_agreed(m)
+    max_frame = 65535 - 1 if agreed else esp_encap_len(1500)
     pid = m.t.server.pid
     rss0 = _rss_kib(pid)
     n = 200
@@ -221,13 +232,14 @@ def test_oversized_length_prefix_refused_without_crash(m, checked):
     assert m.ping(3) == 3, "the stream lost sync after skipping oversized frames"
     rss1 = _rss_kib(pid)
     srv, _ = m.end()
-    assert drops(srv) == {"drop_oversize": n}, srv
+    assert drops(srv) == {"drop_unknown_spi" if agreed else "drop_oversize": n}, srv
     assert m.t.server.alive()
     assert rss1 - rss0 < 8 * 1024, f"server RSS grew by {rss1 - rss0} KiB"
     checked.append(
         f"{n} frames with length prefixes {max_frame + 1} (max frame {max_frame} + 1) and 65535,"
         f" bodies included ({n // 2 * (65537 + max_frame + 3) // 1024} KiB): server "
-        f"drop_oversize={n}, still running, RSS {rss0} -> {rss1} KiB; stream in sync, ping 3/3"
+        f"{'drop_unknown_spi (super-packets agreed)' if agreed else 'drop_oversize'}={n}, "
+        f"still running, RSS {rss0} -> {rss1} KiB; stream in sync, ping 3/3"
     )
 
 
@@ -256,7 +268,7 @@ def _session_keys(m: Mitm) -> dict:
     sh = m.proxy.stats[S2C].controls[0]
     assert ch[4] == handshake.MSG_CLIENT_HELLO and sh[4] == handshake.MSG_SERVER_HELLO
     n = handshake.NONCE_LEN
-    head = sh[: 7 + n]
+    head = sh[: -handshake.MAC_LEN]  # version 1 or 2 (with the features byte)
     th = handshake.transcript_hash(ch, head)
     psk = keys.load_key(str(m.t.key_a))
     return handshake.derive(psk, "aes-128-cbc", ch[7 : 7 + n], sh[7 : 7 + n], th)

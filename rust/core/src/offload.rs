@@ -513,7 +513,7 @@ pub const SUPER_PREFIX_LEN: usize = 4;
 pub const MAX_SUPER_SEGMENTS: usize = 128;
 
 /// A validated super-packet carried whole ([`parse_super`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Super {
     /// The header to segment it with: `F_NEEDS_CSUM`, the prefix's `gso_type`/`gso_size`,
     /// `csum_start` = the IP header length, `csum_offset` 16, `hdr_len` = IP + TCP headers.

@@ -784,9 +784,11 @@ type Out = (usize, usize, usize, usize, usize, SocketAddr, u64);
 /// counted). The segments of a super-packet are encapsulated together, their CBC chains
 /// interleaved (`encap_batch_in_place`).
 ///
-/// With `whole` the buffers hold pieces of one TCP super-packet to send whole
-/// ([`offload::cut_from`]): each a [`SUPER_PREFIX_LEN`]-byte prefix and the IP packet,
-/// encapsulated with Next Header [`NH_SUPER`] and counted as the segments they stand for.
+/// With `whole` the buffers hold TCP super-packets (or pieces of them, [`offload::cut_from`])
+/// for one peer to send whole, `whole[j]` the layout of buffer `j`'s: each a
+/// [`SUPER_PREFIX_LEN`]-byte prefix and the IP packet, encapsulated together (several
+/// super-packets fill the CBC lanes) with Next Header [`NH_SUPER`] and counted as the
+/// segments they stand for.
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     inner: &Inner,
@@ -795,7 +797,7 @@ fn prepare(
     first: usize,
     bufs: &mut [Vec<u8>],
     lens: &[usize],
-    whole: Option<&Super>,
+    whole: Option<&[Super]>,
     out: &mut Vec<Out>,
 ) {
     let k = bufs.len().min(lens.len());
@@ -811,11 +813,13 @@ fn prepare(
     let pkt = &bufs[0][HEADROOM + off..HEADROOM + lens[0].max(off)];
     // Segments and inner bytes each buffer stands for.
     let segs = |j: usize| -> (u64, u64) {
-        match whole {
+        match whole.and_then(|w| w.get(j)) {
             None => (1, lens[j] as u64),
             Some(s) => {
                 let ip = lens[j] - SUPER_PREFIX_LEN;
-                let n = (ip - s.hl).div_ceil(s.hdr.gso_size.max(1) as usize);
+                let n = ip
+                    .saturating_sub(s.hl)
+                    .div_ceil(s.hdr.gso_size.max(1) as usize);
                 (n as u64, (ip + n.saturating_sub(1) * s.hl) as u64)
             }
         }
@@ -925,14 +929,14 @@ struct Pending {
     hdr: VnetHdr,
     len: usize,
     next: usize,
-    whole: Option<(Super, usize)>,
+    whole: Option<(Super, usize, u32)>,
 }
 
 /// Whether the super-packet `pkt` read with `hdr` travels whole: a TCP TSO packet routed to a
 /// peer that announced super-packets, on an ESP stream transport. Returns its layout and how
 /// many segments fit one ESP packet (the frame's 2-byte length caps it: a 64 KiB packet is
 /// cut at a segment boundary into two); `None`: split it into segments as for any transport.
-fn whole_plan(t: &Tables, hdr: &VnetHdr, pkt: &[u8]) -> Option<(Super, usize)> {
+fn whole_plan(t: &Tables, hdr: &VnetHdr, pkt: &[u8]) -> Option<(Super, usize, u32)> {
     if !offload::is_tso(hdr) {
         return None;
     }
@@ -951,7 +955,7 @@ fn whole_plan(t: &Tables, hdr: &VnetHdr, pkt: &[u8]) -> Option<(Super, usize)> {
         .min(MAX_PACKET)
         .saturating_sub(MAX_OVERHEAD + SUPER_PREFIX_LEN + s.hl);
     let per = room / (hdr.gso_size as usize).max(1);
-    (per > 0).then_some((s, per.min(s.segments)))
+    (per > 0).then_some((s, per.min(s.segments), peer.id))
 }
 
 /// One device read into `buf`, counted (`hz`: the vnet header's size, not counted as bytes);
@@ -990,6 +994,7 @@ fn device_loop(inner: &Inner, q: usize) -> String {
     let mut raw = vec![0u8; if hz > 0 { hz + MAX_PACKET } else { 0 }];
     let mut pending: Option<Pending> = None;
     let mut lens = [0usize; BATCH];
+    let mut sups = [Super::default(); BATCH];
     let mut out: Vec<Out> = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();
     let io = &inner.io;
@@ -1024,6 +1029,8 @@ fn device_loop(inner: &Inner, q: usize) -> String {
         out.clear();
         let t = inner.read();
         let mut i = 0;
+        // Buffers `start..i` hold whole super-packets for peer `id` not yet encapsulated.
+        let mut run: Option<(u32, usize)> = None;
         while i < BATCH {
             let k = if hz == 0 {
                 let n = match read_device(
@@ -1062,7 +1069,7 @@ fn device_loop(inner: &Inner, q: usize) -> String {
                         }
                     }
                 };
-                if let Some((s, per)) = p.whole {
+                if let Some((s, per, peer)) = p.whole {
                     // Sent whole: pieces of `per` segments after a prefix, one ESP packet each.
                     let r = offload::cut_from(
                         &p.hdr,
@@ -1089,17 +1096,28 @@ fn device_loop(inner: &Inner, q: usize) -> String {
                     for j in i..i + k {
                         offload::write_super_prefix(&p.hdr, &mut bufs[j][HEADROOM..]);
                         lens[j] += SUPER_PREFIX_LEN;
+                        sups[j] = s;
                     }
-                    prepare(
-                        inner,
-                        &t,
-                        kind,
-                        i,
-                        &mut bufs[i..i + k],
-                        &lens[i..i + k],
-                        Some(&s),
-                        &mut out,
-                    );
+                    // Encapsulated with the run of whole super-packets for the same peer
+                    // read before it in this batch (their CBC chains interleaved).
+                    match run {
+                        Some((q, start)) if q != peer => {
+                            let w = Some(&sups[start..i]);
+                            prepare(
+                                inner,
+                                &t,
+                                kind,
+                                start,
+                                &mut bufs[start..i],
+                                &lens[start..i],
+                                w,
+                                &mut out,
+                            );
+                            run = Some((peer, i));
+                        }
+                        Some(_) => {}
+                        None => run = Some((peer, i)),
+                    }
                     i += k;
                     continue;
                 }
@@ -1130,6 +1148,19 @@ fn device_loop(inner: &Inner, q: usize) -> String {
                     }
                 }
             };
+            if let Some((_, start)) = run.take() {
+                let w = Some(&sups[start..i]);
+                prepare(
+                    inner,
+                    &t,
+                    kind,
+                    start,
+                    &mut bufs[start..i],
+                    &lens[start..i],
+                    w,
+                    &mut out,
+                );
+            }
             prepare(
                 inner,
                 &t,
@@ -1141,6 +1172,19 @@ fn device_loop(inner: &Inner, q: usize) -> String {
                 &mut out,
             );
             i += k;
+        }
+        if let Some((_, start)) = run.take() {
+            let w = Some(&sups[start..i]);
+            prepare(
+                inner,
+                &t,
+                kind,
+                start,
+                &mut bufs[start..i],
+                &lens[start..i],
+                w,
+                &mut out,
+            );
         }
         // One send per transport in use.
         let mut done = 0;
