@@ -1134,3 +1134,47 @@ fn burst_received_in_one_batch_is_judged_packet_by_packet() {
     );
     assert_eq!(peer_get(&server.dp, clients[1].2, "rx_packets"), 6);
 }
+
+/// The kernel answers during the receive thread's device write (an echo reply, a TCP ACK):
+/// the receive thread sends that answer itself. The fake device queues the answer without
+/// making itself readable, so the device thread is never woken for it: only the receive
+/// thread's send after its writes can deliver it.
+#[test]
+fn answer_made_during_a_device_write_is_sent_by_the_receive_thread() {
+    fn echo(p: &[u8]) -> Option<Vec<u8>> {
+        let mut r = p.to_vec();
+        r[12..16].copy_from_slice(&p[16..20]);
+        r[16..20].copy_from_slice(&p[12..16]);
+        r[20..28].copy_from_slice(&(tag(p) + 1000).to_be_bytes());
+        Some(r)
+    }
+    let net = FakeNet::new();
+    let mut dev = FakeDevice::new(Kind::Tun).unwrap();
+    dev.answer_quietly = Some(echo);
+    let dev = Arc::new(dev);
+    let sock = net
+        .bind(addr("192.0.2.1:4500"), TransportKind::Udp)
+        .unwrap();
+    let sdp = DataPlane::start(dev.clone(), DpConfig::default()).unwrap();
+    let str_ = sdp.add_transport(sock).unwrap();
+    let c = node(&net, "198.51.100.1:4500", Kind::Tun);
+    let sp = sdp.add_peer(str_, &[pfx("10.0.1.0/24")], None).unwrap();
+    sdp.add_inbound_sa(sp, sa(0x1001, 1)).unwrap();
+    sdp.set_outbound_sa(sp, Some(sa(0x2001, 2))).unwrap();
+    let cp =
+        c.dp.add_peer(c.tr, &[pfx("0.0.0.0/0")], Some(addr("192.0.2.1:4500")))
+            .unwrap();
+    c.dp.add_inbound_sa(cp, sa(0x2001, 2)).unwrap();
+    c.dp.set_outbound_sa(cp, Some(sa(0x1001, 1))).unwrap();
+    for k in 1..=20u64 {
+        c.dev.inject(&ipv4([10, 0, 1, 5], [10, 0, 0, 1], k));
+        let req = dev.take(T).expect("request at the server");
+        assert_eq!(tag(&req), k);
+        let reply = c.dev.take(T).expect("the answer back at the client");
+        assert_eq!(tag(&reply), 1000 + k);
+        assert_eq!(&reply[12..16], &[10, 0, 0, 1]);
+    }
+    assert_eq!(dev.pending_inbound(), 0);
+    assert_eq!(get(sdp.totals(), "tx_packets"), 20);
+    assert_eq!(get(sdp.totals(), "rx_packets"), 20);
+}

@@ -122,6 +122,9 @@ impl Device for TunDevice {
 /// [`with_vnet`](Self::with_vnet), it models a TUN device opened with `IFF_VNET_HDR`: what is
 /// injected and taken starts with a vnet header (the data plane's plain writes get an empty
 /// one, as the kernel's TUN device would read them).
+/// What [`FakeDevice::answer_quietly`] calls: a delivered packet → the answer, if any.
+pub type Answer = fn(&[u8]) -> Option<Vec<u8>>;
+
 pub struct FakeDevice {
     kind: Kind,
     vnet: usize,
@@ -131,6 +134,10 @@ pub struct FakeDevice {
     arrived: Condvar,
     /// Most packets held in `delivered` before the device reports "full".
     pub capacity: usize,
+    /// Called with each delivered packet; what it returns is queued for reading *without*
+    /// making the device readable, as a reply the kernel produced during the write that the
+    /// device thread has not been woken for (tests of who sends it).
+    pub answer_quietly: Option<Answer>,
 }
 
 impl FakeDevice {
@@ -143,6 +150,7 @@ impl FakeDevice {
             delivered: Mutex::new(VecDeque::new()),
             arrived: Condvar::new(),
             capacity: 1 << 20,
+            answer_quietly: None,
         })
     }
 
@@ -157,6 +165,9 @@ impl FakeDevice {
         let mut q = self.delivered.lock().unwrap();
         if q.len() >= self.capacity {
             return Err(io::ErrorKind::WouldBlock.into());
+        }
+        if let Some(reply) = self.answer_quietly.and_then(|f| f(&buf[self.vnet..])) {
+            self.inbound.lock().unwrap().push_back(reply);
         }
         q.push_back(buf);
         self.arrived.notify_all();

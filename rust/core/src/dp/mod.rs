@@ -211,6 +211,8 @@ struct Inner {
     queues: Vec<Arc<dyn Device>>,
     /// Reads per queue (their sum is `io.dev_reads`).
     queue_reads: Vec<AtomicU64>,
+    /// Per queue: the device side's state, once its thread runs ([`TxState`]).
+    tx: Vec<Mutex<Option<TxState>>>,
     config: DpConfig,
     tables: RwLock<Tables>,
     totals: Traffic,
@@ -348,6 +350,7 @@ impl DataPlane {
         let inner = Arc::new(Inner {
             device: queues[0].clone(),
             queue_reads: queues.iter().map(|_| AtomicU64::new(0)).collect(),
+            tx: queues.iter().map(|_| Mutex::new(None)).collect(),
             queues,
             events: Queue {
                 q: Mutex::new(VecDeque::new()),
@@ -981,44 +984,275 @@ fn read_device(
     }
 }
 
+/// One queue's device-side buffers and the super-packet it is part-way through. Shared,
+/// behind `Inner::tx[q]`, by the queue's device thread and the receive threads: a receive
+/// thread runs a batch right after its device writes, so what the kernel produced during
+/// those writes (an echo reply, a TCP ACK) goes out without waking the device thread — one
+/// thread wake-up less per round trip. One holder at a time, so a queue's packets leave in
+/// the order they were read.
+struct TxState {
+    bufs: Vec<Vec<u8>>,
+    raw: Vec<u8>,
+    pending: Option<Pending>,
+    lens: [usize; BATCH],
+    sups: [Super; BATCH],
+    out: Vec<Out>,
+}
+
+impl TxState {
+    fn new(hz: usize) -> TxState {
+        TxState {
+            bufs: bufs(),
+            raw: vec![0u8; if hz > 0 { hz + MAX_PACKET } else { 0 }],
+            pending: None,
+            lens: [0usize; BATCH],
+            sups: [Super::default(); BATCH],
+            out: Vec::with_capacity(BATCH),
+        }
+    }
+}
+
+/// Whether the device side may read now: not before the first peer is configured (what the
+/// device holds then is for it: `Ok(false)`), nor while a transport cannot take more
+/// (backpressure: `Err` with the transport to wait on).
+fn tx_ready(inner: &Inner) -> Result<bool, Arc<dyn Transport>> {
+    let t = inner.read();
+    if let Some(c) = t.transports.iter().find(|tr| tr.congested()) {
+        return Err(c.clone());
+    }
+    Ok(!t.peers.is_empty())
+}
+
+/// Read what queue `q` holds (at most a batch, never waiting), route, encapsulate and send
+/// it; `Err` is why the device thread ends.
+fn tx_batch(inner: &Inner, q: usize, st: &mut TxState) -> Result<(), String> {
+    let dev = &*inner.queues[q];
+    let qreads = &inner.queue_reads[q];
+    let kind = dev.kind();
+    let hz = dev.vnet_hdr_len();
+    let io = &inner.io;
+    st.out.clear();
+    let t = inner.read();
+    let mut i = 0;
+    // Buffers `start..i` hold whole super-packets for peer `id` not yet encapsulated.
+    let mut run: Option<(u32, usize)> = None;
+    while i < BATCH {
+        let k = if hz == 0 {
+            let n = match read_device(
+                dev,
+                &mut st.bufs[i][HEADROOM..HEADROOM + MAX_PACKET],
+                io,
+                0,
+                qreads,
+            ) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(why) => return Err(why),
+            };
+            st.lens[i] = n;
+            1
+        } else {
+            let p = match st.pending.take() {
+                Some(p) => p,
+                None => {
+                    let n = match read_device(dev, &mut st.raw, io, hz, qreads) {
+                        Ok(Some(n)) => n,
+                        Ok(None) => break,
+                        Err(why) => return Err(why),
+                    };
+                    match VnetHdr::parse(&st.raw[..n], hz) {
+                        Ok(hdr) => Pending {
+                            hdr,
+                            len: n,
+                            next: 0,
+                            whole: whole_plan(&t, &hdr, &st.raw[hz..n]),
+                        },
+                        Err(_) => {
+                            inner.drop_pkt(None, Drop::BadVnet);
+                            continue;
+                        }
+                    }
+                }
+            };
+            if let Some((s, per, peer)) = p.whole {
+                // Sent whole: pieces of `per` segments after a prefix, one ESP packet each.
+                let r = offload::cut_from(
+                    &p.hdr,
+                    &st.raw[hz..p.len],
+                    p.next,
+                    per,
+                    &mut st.bufs[i..],
+                    HEADROOM + SUPER_PREFIX_LEN,
+                    &mut st.lens[i..],
+                );
+                let Ok((k, total)) = r else {
+                    inner.drop_pkt(None, Drop::BadVnet);
+                    continue;
+                };
+                if p.next == 0 && s.segments > 1 {
+                    add(&io.dev_read_super, 1);
+                }
+                if p.next + k < total {
+                    st.pending = Some(Pending {
+                        next: p.next + k,
+                        ..p
+                    });
+                }
+                for j in i..i + k {
+                    offload::write_super_prefix(&p.hdr, &mut st.bufs[j][HEADROOM..]);
+                    st.lens[j] += SUPER_PREFIX_LEN;
+                    st.sups[j] = s;
+                }
+                // Encapsulated with the run of whole super-packets for the same peer
+                // read before it in this batch (their CBC chains interleaved).
+                match run {
+                    Some((q, start)) if q != peer => {
+                        let w = Some(&st.sups[start..i]);
+                        prepare(
+                            inner,
+                            &t,
+                            kind,
+                            start,
+                            &mut st.bufs[start..i],
+                            &st.lens[start..i],
+                            w,
+                            &mut st.out,
+                        );
+                        run = Some((peer, i));
+                    }
+                    Some(_) => {}
+                    None => run = Some((peer, i)),
+                }
+                i += k;
+                continue;
+            }
+            let r = offload::split_from(
+                &p.hdr,
+                &st.raw[hz..p.len],
+                p.next,
+                &mut st.bufs[i..],
+                HEADROOM,
+                &mut st.lens[i..],
+            );
+            match r {
+                Ok((k, total)) => {
+                    if p.next == 0 && total > 1 {
+                        add(&io.dev_read_super, 1);
+                    }
+                    if p.next + k < total {
+                        st.pending = Some(Pending {
+                            next: p.next + k,
+                            ..p
+                        });
+                    }
+                    k
+                }
+                Err(_) => {
+                    inner.drop_pkt(None, Drop::BadVnet);
+                    continue;
+                }
+            }
+        };
+        if let Some((_, start)) = run.take() {
+            let w = Some(&st.sups[start..i]);
+            prepare(
+                inner,
+                &t,
+                kind,
+                start,
+                &mut st.bufs[start..i],
+                &st.lens[start..i],
+                w,
+                &mut st.out,
+            );
+        }
+        prepare(
+            inner,
+            &t,
+            kind,
+            i,
+            &mut st.bufs[i..i + k],
+            &st.lens[i..i + k],
+            None,
+            &mut st.out,
+        );
+        i += k;
+    }
+    if let Some((_, start)) = run.take() {
+        let w = Some(&st.sups[start..i]);
+        prepare(
+            inner,
+            &t,
+            kind,
+            start,
+            &mut st.bufs[start..i],
+            &st.lens[start..i],
+            w,
+            &mut st.out,
+        );
+    }
+    // One send per transport in use.
+    let mut done = 0;
+    let mut tid = 0;
+    while done < st.out.len() {
+        let mine: Vec<&Out> = st.out.iter().filter(|o| o.4 == tid).collect();
+        if !mine.is_empty() {
+            let pkts: Vec<(&[u8], SocketAddr)> = mine
+                .iter()
+                .map(|o| (&st.bufs[o.0][o.1..o.1 + o.2], o.5))
+                .collect();
+            let sent = t.transports.get(tid).map_or(0, |tr| tr.send_batch(&pkts));
+            for _ in sent..pkts.len() {
+                inner.totals.drop(Drop::SendFailed);
+            }
+            add(
+                &inner.totals.tx_packets,
+                mine[..sent].iter().map(|o| o.6).sum(),
+            );
+            add(&io.wire_tx_packets, sent as u64);
+            add(
+                &inner.totals.tx_bytes,
+                mine[..sent].iter().map(|o| o.3 as u64).sum(),
+            );
+            add(
+                &inner.totals.wire_tx_bytes,
+                mine[..sent].iter().map(|o| o.2 as u64).sum(),
+            );
+            done += mine.len();
+        }
+        tid += 1;
+    }
+    drop(t);
+    Ok(())
+}
+
 /// Device → transports. On a vnet-header device each read may be a TSO/USO super-packet,
 /// split here into MTU-sized packets (checksums completed) before encapsulation; its segments
 /// travel in order in one batch (or the next, when the batch is full). One per device queue
 /// (`q`): the kernel keeps each flow on one queue, so per-flow order holds.
 fn device_loop(inner: &Inner, q: usize) -> String {
     let dev = inner.queues[q].clone();
-    let qreads = &inner.queue_reads[q];
-    let kind = dev.kind();
-    let hz = dev.vnet_hdr_len();
-    let mut bufs = bufs();
-    let mut raw = vec![0u8; if hz > 0 { hz + MAX_PACKET } else { 0 }];
-    let mut pending: Option<Pending> = None;
-    let mut lens = [0usize; BATCH];
-    let mut sups = [Super::default(); BATCH];
-    let mut out: Vec<Out> = Vec::with_capacity(BATCH);
+    *lock(&inner.tx[q]) = Some(TxState::new(dev.vnet_hdr_len()));
     let mut last_sweep = Instant::now();
-    let io = &inner.io;
     loop {
         if inner.stopping.load(Ordering::Relaxed) {
             return "stopped".into();
         }
-        // Backpressure: while a transport cannot take more, read no more packets.
-        let (congested, no_peers) = {
-            let t = inner.read();
-            let c = t.transports.iter().find(|tr| tr.congested()).cloned();
-            (c, t.peers.is_empty())
-        };
-        if no_peers {
-            // Packets wait in the device until the first peer is configured (a data plane
-            // is started before its peers; what the device holds then is for them).
-            sys::poll_readable([inner.stop_fd.as_raw_fd()], TICK_MS);
-            continue;
+        match tx_ready(inner) {
+            Ok(true) => {}
+            Ok(false) => {
+                sys::poll_readable([inner.stop_fd.as_raw_fd()], TICK_MS);
+                continue;
+            }
+            Err(tr) => {
+                tr.wait_room(inner.stop_fd.as_raw_fd(), TICK_MS);
+                continue;
+            }
         }
-        if let Some(tr) = congested {
-            tr.wait_room(inner.stop_fd.as_raw_fd(), TICK_MS);
-            continue;
-        }
-        if pending.is_none() {
+        let pending = lock(&inner.tx[q])
+            .as_ref()
+            .is_some_and(|s| s.pending.is_some());
+        if !pending {
             let [ready, _] =
                 sys::poll_readable([dev.poll_fd(), inner.stop_fd.as_raw_fd()], TICK_MS);
             if !ready {
@@ -1026,201 +1260,32 @@ fn device_loop(inner: &Inner, q: usize) -> String {
                 continue;
             }
         }
-        out.clear();
-        let t = inner.read();
-        let mut i = 0;
-        // Buffers `start..i` hold whole super-packets for peer `id` not yet encapsulated.
-        let mut run: Option<(u32, usize)> = None;
-        while i < BATCH {
-            let k = if hz == 0 {
-                let n = match read_device(
-                    &*dev,
-                    &mut bufs[i][HEADROOM..HEADROOM + MAX_PACKET],
-                    io,
-                    0,
-                    qreads,
-                ) {
-                    Ok(Some(n)) => n,
-                    Ok(None) => break,
-                    Err(why) => return why,
-                };
-                lens[i] = n;
-                1
-            } else {
-                let p = match pending.take() {
-                    Some(p) => p,
-                    None => {
-                        let n = match read_device(&*dev, &mut raw, io, hz, qreads) {
-                            Ok(Some(n)) => n,
-                            Ok(None) => break,
-                            Err(why) => return why,
-                        };
-                        match VnetHdr::parse(&raw[..n], hz) {
-                            Ok(hdr) => Pending {
-                                hdr,
-                                len: n,
-                                next: 0,
-                                whole: whole_plan(&t, &hdr, &raw[hz..n]),
-                            },
-                            Err(_) => {
-                                inner.drop_pkt(None, Drop::BadVnet);
-                                continue;
-                            }
-                        }
-                    }
-                };
-                if let Some((s, per, peer)) = p.whole {
-                    // Sent whole: pieces of `per` segments after a prefix, one ESP packet each.
-                    let r = offload::cut_from(
-                        &p.hdr,
-                        &raw[hz..p.len],
-                        p.next,
-                        per,
-                        &mut bufs[i..],
-                        HEADROOM + SUPER_PREFIX_LEN,
-                        &mut lens[i..],
-                    );
-                    let Ok((k, total)) = r else {
-                        inner.drop_pkt(None, Drop::BadVnet);
-                        continue;
-                    };
-                    if p.next == 0 && s.segments > 1 {
-                        add(&io.dev_read_super, 1);
-                    }
-                    if p.next + k < total {
-                        pending = Some(Pending {
-                            next: p.next + k,
-                            ..p
-                        });
-                    }
-                    for j in i..i + k {
-                        offload::write_super_prefix(&p.hdr, &mut bufs[j][HEADROOM..]);
-                        lens[j] += SUPER_PREFIX_LEN;
-                        sups[j] = s;
-                    }
-                    // Encapsulated with the run of whole super-packets for the same peer
-                    // read before it in this batch (their CBC chains interleaved).
-                    match run {
-                        Some((q, start)) if q != peer => {
-                            let w = Some(&sups[start..i]);
-                            prepare(
-                                inner,
-                                &t,
-                                kind,
-                                start,
-                                &mut bufs[start..i],
-                                &lens[start..i],
-                                w,
-                                &mut out,
-                            );
-                            run = Some((peer, i));
-                        }
-                        Some(_) => {}
-                        None => run = Some((peer, i)),
-                    }
-                    i += k;
-                    continue;
-                }
-                let r = offload::split_from(
-                    &p.hdr,
-                    &raw[hz..p.len],
-                    p.next,
-                    &mut bufs[i..],
-                    HEADROOM,
-                    &mut lens[i..],
-                );
-                match r {
-                    Ok((k, total)) => {
-                        if p.next == 0 && total > 1 {
-                            add(&io.dev_read_super, 1);
-                        }
-                        if p.next + k < total {
-                            pending = Some(Pending {
-                                next: p.next + k,
-                                ..p
-                            });
-                        }
-                        k
-                    }
-                    Err(_) => {
-                        inner.drop_pkt(None, Drop::BadVnet);
-                        continue;
-                    }
-                }
-            };
-            if let Some((_, start)) = run.take() {
-                let w = Some(&sups[start..i]);
-                prepare(
-                    inner,
-                    &t,
-                    kind,
-                    start,
-                    &mut bufs[start..i],
-                    &lens[start..i],
-                    w,
-                    &mut out,
-                );
+        if let Some(s) = lock(&inner.tx[q]).as_mut() {
+            if let Err(why) = tx_batch(inner, q, s) {
+                return why;
             }
-            prepare(
-                inner,
-                &t,
-                kind,
-                i,
-                &mut bufs[i..i + k],
-                &lens[i..i + k],
-                None,
-                &mut out,
-            );
-            i += k;
         }
-        if let Some((_, start)) = run.take() {
-            let w = Some(&sups[start..i]);
-            prepare(
-                inner,
-                &t,
-                kind,
-                start,
-                &mut bufs[start..i],
-                &lens[start..i],
-                w,
-                &mut out,
-            );
-        }
-        // One send per transport in use.
-        let mut done = 0;
-        let mut tid = 0;
-        while done < out.len() {
-            let mine: Vec<&Out> = out.iter().filter(|o| o.4 == tid).collect();
-            if !mine.is_empty() {
-                let pkts: Vec<(&[u8], SocketAddr)> = mine
-                    .iter()
-                    .map(|o| (&bufs[o.0][o.1..o.1 + o.2], o.5))
-                    .collect();
-                let sent = t.transports.get(tid).map_or(0, |tr| tr.send_batch(&pkts));
-                for _ in sent..pkts.len() {
-                    inner.totals.drop(Drop::SendFailed);
-                }
-                add(
-                    &inner.totals.tx_packets,
-                    mine[..sent].iter().map(|o| o.6).sum(),
-                );
-                add(&io.wire_tx_packets, sent as u64);
-                add(
-                    &inner.totals.tx_bytes,
-                    mine[..sent].iter().map(|o| o.3 as u64).sum(),
-                );
-                add(
-                    &inner.totals.wire_tx_bytes,
-                    mine[..sent].iter().map(|o| o.2 as u64).sum(),
-                );
-                done += mine.len();
-            }
-            tid += 1;
-        }
-        drop(t);
         if last_sweep.elapsed() >= Duration::from_millis(TICK_MS as u64) {
             last_sweep = Instant::now();
             inner.sweep();
+        }
+    }
+}
+
+/// After a receive thread's device writes: send what they made the kernel answer, on every
+/// queue whose device thread is not busy (a busy one sends it itself).
+fn tx_after_rx(inner: &Inner) {
+    if !matches!(tx_ready(inner), Ok(true)) {
+        return;
+    }
+    for (q, tx) in inner.tx.iter().enumerate() {
+        if let Ok(mut g) = tx.try_lock() {
+            if let Some(s) = g.as_mut() {
+                // The rest of a super-packet cut short by the batch goes too: the device
+                // thread waits only for new packets. A device error ends that queue's device
+                // thread, which meets it too.
+                while tx_batch(inner, q, s).is_ok() && s.pending.is_some() {}
+            }
         }
     }
 }
@@ -1297,6 +1362,7 @@ fn transport_loop(inner: &Inner, id: usize, tr: Arc<dyn Transport>) -> String {
             to_device(inner, gro.as_mut(), &pkts);
         }
         drop(t);
+        tx_after_rx(inner);
         if last_sweep.elapsed() >= Duration::from_millis(TICK_MS as u64) {
             last_sweep = Instant::now();
             inner.sweep();
