@@ -223,24 +223,46 @@ impl VnetHdr {
 // Internet checksum
 
 /// Unfolded ones' complement sum of `data` as big-endian 16-bit words (an odd last byte is
-/// padded with zero), added to `initial`. Sums 32-bit words into a 64-bit accumulator, which is
-/// the same sum modulo 0xffff and cannot overflow for any packet (< 2^32 words).
+/// padded with zero), added to `initial`: the same sum modulo 0xffff, zero only if `data` is
+/// all zeros and `initial` is zero, and below 2^36 + `initial` (so sums of a few can be added).
+///
+/// Four independent accumulators take 64-bit big-endian words (32 bytes per round, no carry
+/// chain between them); each counts its wrap-arounds apart. Since 2^16 ≡ 1 (mod 0xffff), a
+/// 64-bit word is congruent to the sum of its four 16-bit words, and each wrap of an
+/// accumulator (2^64) to 1, as in RFC 1071's deferred carries.
 pub fn sum16(data: &[u8], initial: u64) -> u64 {
-    let mut acc = initial;
-    let mut chunks = data.chunks_exact(8);
+    #[inline(always)]
+    fn word(c: &[u8]) -> u64 {
+        u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+    }
+    #[inline(always)]
+    fn half(x: u64) -> u64 {
+        (x >> 32) + (x & 0xffff_ffff)
+    }
+    let mut acc = [0u64; 4];
+    let mut wraps = 0u64;
+    let mut chunks = data.chunks_exact(32);
     for c in &mut chunks {
-        let v = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        acc = acc.wrapping_add(v >> 32).wrapping_add(v & 0xffff_ffff);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let (v, w) = a.overflowing_add(word(&c[i * 8..]));
+            *a = v;
+            wraps += w as u64;
+        }
     }
     let mut rest = chunks.remainder();
+    let mut tail = 0u64;
+    while rest.len() >= 8 {
+        tail += half(word(rest));
+        rest = &rest[8..];
+    }
     while rest.len() >= 2 {
-        acc = acc.wrapping_add(u16::from_be_bytes([rest[0], rest[1]]) as u64);
+        tail += u16::from_be_bytes([rest[0], rest[1]]) as u64;
         rest = &rest[2..];
     }
     if let Some(&b) = rest.first() {
-        acc = acc.wrapping_add((b as u64) << 8);
+        tail += (b as u64) << 8;
     }
-    acc
+    acc.iter().map(|&a| half(a)).sum::<u64>() + wraps + tail + initial
 }
 
 /// Fold an unfolded sum to 16 bits (end-around carry).

@@ -849,3 +849,37 @@ fn property_split_never_panics_on_mutations() {
         let _ = gro.coalesce(&[p.clone(), p]);
     }
 }
+
+/// `sum16` agrees with a plain 16-bit word sum (modulo 0xffff, and zero exactly when the data
+/// is) at every length and alignment, for random and all-0xff data.
+#[test]
+fn sum16_matches_the_word_by_word_sum() {
+    fn plain(d: &[u8], init: u64) -> u64 {
+        let mut acc = init;
+        for c in d.chunks(2) {
+            acc += (c[0] as u64) << 8 | c.get(1).copied().unwrap_or(0) as u64;
+        }
+        acc
+    }
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data = vec![0u8; 9100];
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let ones = vec![0xffu8; 9100];
+    let zeros = vec![0u8; 9100];
+    for len in (0..200).chain([1419, 1420, 1500, 9000, 9001]) {
+        for off in 0..4 {
+            for (d, init) in [(&data, 0u64), (&data, 0x1234_5678), (&ones, 7), (&zeros, 0)] {
+                let d = &d[off..off + len];
+                let (a, b) = (sum16(d, init), plain(d, init));
+                assert_eq!(fold(a), fold(b), "len {len} off {off}");
+                assert_eq!(a == 0, b == 0);
+                assert!(a < (1u64 << 36) + init);
+            }
+        }
+    }
+}
