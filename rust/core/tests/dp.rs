@@ -1166,6 +1166,12 @@ fn answer_made_during_a_device_write_is_sent_by_the_receive_thread() {
             .unwrap();
     c.dp.add_inbound_sa(cp, sa(0x2001, 2)).unwrap();
     c.dp.set_outbound_sa(cp, Some(sa(0x1001, 1))).unwrap();
+    // The server's device thread is running (its state exists) once it has handled a packet:
+    // one for the client before its endpoint is known.
+    dev.inject(&ipv4([10, 0, 0, 1], [10, 0, 1, 5], 0));
+    eventually("the device thread's first packet", || {
+        get(sdp.totals(), "drop_no_endpoint") == 1
+    });
     for k in 1..=20u64 {
         c.dev.inject(&ipv4([10, 0, 1, 5], [10, 0, 0, 1], k));
         let req = dev.take(T).expect("request at the server");
