@@ -72,6 +72,12 @@ def missing_prerequisites() -> list[str]:
         missing.append(f"no unpacked kernel/initramfs in {KESP_DIR} (run scripts/setup.sh)")
     if not (REPO / ".venv" / "bin" / "python").exists():
         missing.append("no .venv (run scripts/setup.sh)")
+    if REPO.resolve().is_relative_to("/tmp"):
+        # The guest sees the host's root read-only but mounts its own /tmp.
+        missing.append(
+            f"the checkout {REPO} is under /tmp, which the qemu guest cannot see (it has its own "
+            "/tmp); clone the repository elsewhere, e.g. under /var/tmp or your home directory"
+        )
     return missing
 
 
